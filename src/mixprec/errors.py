@@ -1,0 +1,39 @@
+"""The exception types mixprec raises. Each message names what failed, where, and what is accepted."""
+
+from __future__ import annotations
+
+
+class MixprecError(Exception):
+    """Base class of every error mixprec raises on purpose."""
+
+
+class ConfigError(MixprecError, ValueError):
+    """A sim config (JSON quantsim config) has an unknown key or a bad value."""
+
+
+class CaptureError(MixprecError, RuntimeError):
+    """The model could not be captured into a graph of layers."""
+
+
+class EncodingNotComputedError(MixprecError, RuntimeError):
+    """A quantizer ran before ``compute_encodings`` gave it an encoding."""
+
+
+class CalibrationError(MixprecError, RuntimeError):
+    """Calibration saw no data, or non-finite values, at some quantizer."""
+
+
+class RequestError(MixprecError, ValueError):
+    """A ``set_*`` call of the configurator got a bad argument (nothing was recorded)."""
+
+
+class PrecisionConflictError(MixprecError, RuntimeError):
+    """Under ``strict=True``, a request about a layer cannot be honoured because of a later one."""
+
+
+class UnsupportedKernelError(MixprecError, RuntimeError):
+    """Under ``strict=True``, a layer's final precision is not among the backend's kernels."""
+
+
+class ExportError(MixprecError, RuntimeError):
+    """Export could not write complete, consistent artifacts."""

@@ -1,0 +1,239 @@
+"""Tiny models shared by the tests, each with an example input (``model.example_input()``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBlock(nn.Sequential):
+    """Conv + BatchNorm + ReLU: a supergroup head (conv), a folded BN and the group's output (relu)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class SmallCNN(nn.Module):
+    """stem conv -> two ConvBlocks -> avgpool -> flatten -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block1 = ConvBlock(8, 8)
+        self.block2 = ConvBlock(8, 8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.block2(self.block1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 3, 8, 8)
+
+
+class ThreeReaders(nn.Module):
+    """One tensor (the stem's output) read by three convs, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x)
+        return self.a(t) + self.b(t) + self.c(t)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(1, 3, 4, 4)
+
+
+class ReshapeChain(nn.Module):
+    """linear -> reshape -> permute -> flatten -> linear: the second reads through data movement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x).reshape(-1, 3, 4).permute(0, 2, 1)
+        return self.fc2(torch.flatten(y, 1))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 12)
+
+
+class MultiIO(nn.Module):
+    """Two inputs, three outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fx = nn.Linear(6, 6)
+        self.fy = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.fx(x)
+        b = self.fy(y)
+        return a, self.head(a * b), b
+
+    @staticmethod
+    def example_input() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(2, 6), torch.randn(2, 6)
+
+
+class OutputBehindView(nn.Module):
+    """The model output is a view of a linear's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).view(-1, 2, 4)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(3, 8)
+
+
+class Functional(nn.Module):
+    """Functional calls only between two linears: add, cat, relu, matmul, softmax, mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x), self.k(x)
+        s = torch.matmul(q, k.transpose(-1, -2))
+        p = F.softmax(s, dim=-1)
+        h = F.relu(torch.add(q, k)) + x
+        return torch.cat([p.mean(dim=-1, keepdim=True), h], dim=-1)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 5, 8)
+
+
+class ReusedRelu(nn.Module):
+    """One ReLU module called twice: two layers, each with its own output quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.fc2(self.relu(self.fc1(x))))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 4)
+
+
+class TiedEmbedding(nn.Module):
+    """Embedding and output projection share one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randint(0, 16, (2, 5))
+
+
+class AddRelu(nn.Module):
+    """A residual Add followed by ReLU (an Add+Relu supergroup): the add has no output quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa = nn.Linear(6, 6)
+        self.fb = nn.Linear(6, 6)
+        self.relu = nn.ReLU()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu(self.fa(x) + self.fb(x)))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6)
+
+
+TINY_MODELS = {
+    "small_cnn": SmallCNN,
+    "three_readers": ThreeReaders,
+    "reshape_chain": ReshapeChain,
+    "multi_io": MultiIO,
+    "output_behind_view": OutputBehindView,
+    "functional": Functional,
+    "reused_relu": ReusedRelu,
+    "tied_embedding": TiedEmbedding,
+    "add_relu": AddRelu,
+}
+
+
+def build(name: str) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    cls = TINY_MODELS[name]
+    return cls().eval(), cls.example_input()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+
+
+class LinearStack(nn.Module):
+    """A non-leaf block of three Linears with nothing fused between them, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6)
+
+
+TINY_MODELS["linear_stack"] = LinearStack
