@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._effective import effective_input_precisions
+from ._effective import compute_precision, effective_input_precisions
 from ._placement import Place, PlaceKind
 from ._requests import LayerRequest, RequestKind
 from ._resolve import Claim, Plan, PlannedState, Reason
@@ -141,6 +141,7 @@ def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *
                 "supported": list(k.supported),
             }
         )
+    report.layers = _layer_map(sim, plan, planned)
     for t in plan.transitions:
         report.transitions.append(
             {
@@ -152,6 +153,46 @@ def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *
             }
         )
     return report
+
+
+def _layer_map(sim: QuantizationSimModel, plan: Plan, planned: PlannedState) -> list[dict[str, Any]]:
+    """Every compute layer with its final precision and its upstream compute layers (for graph views)."""
+    graph = sim.graph
+    memo: dict[int, Precision | None] = {}
+    requested = {lr.layer for lr in plan.winners.values()}
+    rows = []
+    for layer in graph.layers:
+        if layer.data_movement:
+            continue
+        sources = []
+        for tid in layer.inputs:
+            if tid is None:
+                continue
+            node = graph.tensors[graph.source(tid)]
+            if node.producer is not None:
+                sources.append(graph.layers[node.producer[0]].name)
+            elif node.model_input is not None:
+                sources.append(f"model input {graph.inputs[node.model_input].path}")
+        treatment = plan.treated.get(layer.index)
+        status = "requested" if layer.index in requested else (treatment.reason.value if treatment else "unchanged")
+        outputs = planned.placement.outputs[layer.index]
+        rows.append(
+            {
+                "name": layer.name,
+                "type": layer.type_name,
+                "op_type": layer.op_type,
+                "module": layer.module_name,
+                "computes": _n(compute_precision(planned, layer, memo)),
+                "outputs": [
+                    _n(planned.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
+                    for s, t in enumerate(outputs)
+                ],
+                "params": {n: _n(planned.precision_at(Place(PlaceKind.PARAM, layer.index, n))) for n in layer.params},
+                "sources": sources,
+                "status": status,
+            }
+        )
+    return rows
 
 
 def _place_columns(sim: QuantizationSimModel, place: Place) -> tuple[str, str]:

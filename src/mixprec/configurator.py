@@ -90,6 +90,18 @@ class MixedPrecisionConfigurator:
         self._requests.append(Request(self._next_id, kind, target, target_kind, location=location, **fields))
         self._next_id += 1
 
+    def apply_profile(self, profile: Any) -> None:
+        """Record the requests of a profile (see :func:`mixprec.load_profile`) in order."""
+        from .profile import record_profile
+
+        record_profile(self, profile)
+
+    def to_profile(self, path: str | Path | None = None) -> Any:
+        """The requests recorded so far as a profile; written to ``path`` (.yaml/.json) when given."""
+        from .profile import profile_from_requests
+
+        return profile_from_requests(self, path)
+
     def preview(self, strict: bool = True) -> MixedPrecisionReport:
         """The plan and report ``apply(strict=strict)`` would produce, changing nothing."""
         plan, planned = self._plan(strict)

@@ -26,6 +26,7 @@ REPORT_KEYS = (
     "kernel_findings",
     "transitions",
     "transition_count",
+    "layers",
     "applied",
     "strict",
 )
@@ -48,6 +49,7 @@ class MixedPrecisionReport:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     kernel_findings: list[dict[str, Any]] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)  # every compute layer after the plan
     applied: bool = False
     strict: bool = True
 
@@ -103,6 +105,12 @@ class MixedPrecisionReport:
 
     def __str__(self) -> str:
         return self.to_text()
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write a self-contained HTML page: requests, changes, and the model's precision map."""
+        from .html_report import write_html
+
+        return write_html(self, path)
 
     def write(self, log_file: str | Path | IO[str] | None) -> None:
         """Write the text report to a path or an open text stream (None writes nothing)."""

@@ -291,6 +291,19 @@ class QuantizationSimModel:
 
         calibrate(self, forward_pass_callback, forward_pass_callback_args)
 
+    # export -----------------------------------------------------------------------------
+    def export(self, path: str, filename_prefix: str, dummy_input: Any = None, onnx_opset: int | None = None) -> Any:
+        """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``."""
+        from .export import export_sim
+
+        return export_sim(self, path, filename_prefix, dummy_input, onnx_opset)
+
+    def load_encodings(self, path: str) -> None:
+        """Load an ``.encodings`` file written by :meth:`export` into this sim's quantizers."""
+        from .export import load_encodings
+
+        load_encodings(self, path)
+
     # introspection ----------------------------------------------------------------------
     def precision_table(self) -> list[dict[str, Any]]:
         """One row per quantized layer, in graph order (see docs/rules.md for the columns)."""
