@@ -80,6 +80,30 @@ class SimRuntime:
         self.sites: dict[CallSiteKey, list[FunctionalSite | None]] = {}
         self.layer_functions: frozenset = frozenset()
         self.input_quantizers: nn.ModuleList | None = None
+        self.required: dict[CallSiteKey, int] = {}
+
+    def finalize(self) -> None:
+        """Precompute, per code location, how many calls must happen for all its layers to run."""
+        self.required = {
+            key: max(i for i, site in enumerate(sites) if site is not None) + 1
+            for key, sites in self.sites.items()
+            if any(site is not None for site in sites)
+        }
+
+    def check_all_sites_ran(self) -> None:
+        """A captured functional layer that did not run means the forward took another path,
+        and whatever replaced it ran unquantized: say so instead of returning silent floats."""
+        counts = self.counts
+        for key, needed in self.required.items():
+            ran = counts.get(key, 0)
+            if ran < needed:
+                missed = self.sites[key][ran:needed]
+                name = next(site.name for site in missed if site is not None)
+                raise CaptureError(
+                    f"layer {name!r} ({ops.function_name(self.sites[key][needed - 1].func)}) did not run in this "
+                    "forward: the model's control flow differs from the dummy_input run, so part of it would run "
+                    "unquantized. Build the sim with a dummy_input that takes the same path."
+                )
 
     def next_site(self, key: Any, sites: list) -> Any:
         n = self.counts.get(key, 0)
@@ -227,7 +251,9 @@ class QuantizedRoot:
             if rt.input_quantizers is not None and any(q is not None for q in rt.input_quantizers):
                 args, kwargs = _quantize_leaves((args, kwargs), rt.input_quantizers)
             with QuantizationMode(rt):
-                return super().forward(*args, **kwargs)
+                output = super().forward(*args, **kwargs)
+            rt.check_all_sites_ran()
+            return output
         finally:
             rt.in_forward = False
             rt.leaf_depth = 0

@@ -13,7 +13,7 @@ from torch import nn
 
 from ._observers import QuantScheme
 from ._placement import Place, PlaceKind, Placement, SlotTemplate, place_quantizers
-from ._runtime import FunctionalSite, LayerQuantizers, SimRuntime, param_key, quantized_class
+from ._runtime import FunctionalSite, LayerQuantizers, SimRuntime, original_class, param_key, quantized_class
 from .capture import capture, split_dummy_input
 from .config import SimConfig, load_config
 from .graph import Graph, Layer
@@ -135,6 +135,7 @@ class QuantizationSimModel:
             key: [None if i is None else sites[i] for i in indices] for key, indices in result.sites_by_location.items()
         }
         runtime.layer_functions = result.layer_functions
+        runtime.finalize()
         runtime.input_quantizers = nn.ModuleList(
             [
                 None if t is None else self._build(t, t.initial, f"model input {io.path}")
@@ -331,7 +332,8 @@ class QuantizationSimModel:
 
     def __repr__(self) -> str:
         n = sum(1 for _ in self.quantizers())
-        return f"QuantizationSimModel({type(self.model).__name__}, layers={len(self.graph.layers)}, quantizers={n})"
+        name = original_class(self.model).__name__
+        return f"QuantizationSimModel({name}, layers={len(self.graph.layers)}, quantizers={n})"
 
 
 def _name(precision: Precision | None) -> str | None:
