@@ -197,13 +197,14 @@ def build(name: str) -> tuple[nn.Module, object]:
     return cls().eval(), cls.example_input()
 
 
-def tiny_llama():
+def tiny_llama(attention: str = "sdpa", layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation=attention,
     )  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 128, (2, 8))

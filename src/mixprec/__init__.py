@@ -6,6 +6,7 @@ layers of the captured graph and are quantized as they are.
 
 from ._observers import QuantScheme
 from .config import KernelSpec, SimConfig, load_config
+from .batches import forward_batches
 from .configurator import MixedPrecisionConfigurator
 from .errors import (
     CalibrationError,
@@ -15,11 +16,14 @@ from .errors import (
     ExportError,
     MixprecError,
     PrecisionConflictError,
+    ProfileError,
     RequestError,
     UnsupportedKernelError,
 )
 from .granularity import PerBlock, PerChannel, PerTensor
+from .param_spec import ParamSpec
 from .precision import Precision
+from .profile import Profile, load_profile
 from .quantizers import FloatQuantizer, IntQuantizer, QuantizerBase
 from .report import MixedPrecisionReport
 from .sim import QuantizationDataType, QuantizationSimModel
@@ -32,17 +36,21 @@ __all__ = [
     "SimConfig",
     "KernelSpec",
     "load_config",
+    "forward_batches",
     # precisions and quantizers
     "Precision",
     "PerTensor",
     "PerChannel",
     "PerBlock",
+    "ParamSpec",
     "QuantizerBase",
     "IntQuantizer",
     "FloatQuantizer",
     # manual mixed precision
     "MixedPrecisionConfigurator",
     "MixedPrecisionReport",
+    "Profile",
+    "load_profile",
     # errors
     "MixprecError",
     "ConfigError",
@@ -50,6 +58,7 @@ __all__ = [
     "EncodingNotComputedError",
     "CalibrationError",
     "RequestError",
+    "ProfileError",
     "PrecisionConflictError",
     "UnsupportedKernelError",
     "ExportError",

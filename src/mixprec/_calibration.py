@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._distributed import run_calibration_pass
 from ._placement import PlaceKind
 from .errors import CalibrationError
 
@@ -21,11 +22,13 @@ def calibrate(sim: QuantizationSimModel, callback: Callable[[nn.Module, Any], An
         raise TypeError(f"forward_pass_callback must be callable as callback(model, args), got {callback!r}")
     entries = list(sim.quantizers())
     saved = [(q, q.get_encoding() if q.needs_encoding and q.is_initialized else None) for _, q in entries]
-    for _, q in entries:
-        q.begin_calibration(sim.quant_scheme)
+    for place, q in entries:
+        # Parameter encodings come from the parameters themselves: no need to observe them per batch.
+        q.begin_calibration(sim.quant_scheme, collect=place.kind is not PlaceKind.PARAM)
     try:
         with torch.no_grad():
-            callback(sim.model, args)
+            # under torch.distributed this also combines the statistics of every rank
+            run_calibration_pass(sim, entries, callback, args)
         for place, q in entries:
             if place.kind is PlaceKind.PARAM:
                 q.calibrate_tensor(sim.param_tensor(place).detach(), sim.quant_scheme)
@@ -39,5 +42,6 @@ def calibrate(sim: QuantizationSimModel, callback: Callable[[nn.Module, Any], An
             else:
                 q.set_encoding(encoding)
         if isinstance(exc, CalibrationError):
-            raise CalibrationError(f"{exc}\nno encoding was changed") from None
+            # keeps the cause a distributed failure carries (the callback's exception on its rank)
+            raise CalibrationError(f"{exc}\nno encoding was changed") from exc.__cause__
         raise

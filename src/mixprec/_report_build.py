@@ -25,7 +25,7 @@ def _lr_row(sim: QuantizationSimModel, lr: LayerRequest) -> dict[str, Any]:
         "request": lr.request.id,
         "inputs": [_n(p) for p in lr.inputs],
         "outputs": [_n(lr.output)],
-        "params": {k: v.name for k, v in lr.params.items()},
+        "params": {k: str(v) for k, v in lr.params.items()},
     }
 
 
@@ -56,7 +56,7 @@ def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *
                 "activation": r.describe_activation()
                 if r.kind is RequestKind.LAYER
                 else [[graph.inputs[i].path if r.kind is RequestKind.MODEL_INPUT else graph.outputs[i].path, p.name] for i, p in r.io],
-                "param": {k: v.name for k, v in r.params},
+                "param": {k: str(v) for k, v in r.params},
                 "location": r.location,
                 "layer_count": len(r.layers) if r.kind is RequestKind.LAYER else len(r.io),
                 "layers": [graph.layers[i].name for i in r.layers],
@@ -105,6 +105,7 @@ def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *
                 "quantizer": sim.describe(place),
                 "old": _n(change.old),
                 "new": _n(change.new),
+                "granularity": None if change.claim.granularity is None else str(change.claim.granularity),
                 "request": change.claim.request,
                 "reason": change.claim.reason.value,
                 "why": _why(sim, change.claim),

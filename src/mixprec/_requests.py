@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .param_spec import ParamSpec
 from .precision import Precision
 
 
@@ -45,7 +46,7 @@ class Request:
     layers: tuple[int, ...] = ()
     activation: tuple[Precision | None, ...] | None = None  # per input slot; or one entry when uniform
     activation_is_list: bool = False
-    params: tuple[tuple[str, Precision], ...] = ()
+    params: tuple[tuple[str, ParamSpec], ...] = ()
     io: tuple[tuple[int, Precision], ...] = ()  # (model input/output index, precision)
     location: str = ""
 
@@ -71,7 +72,7 @@ class LayerRequest:
     layer: int
     inputs: tuple[Precision | None, ...]
     output: Precision | None
-    params: dict[str, Precision] = field(default_factory=dict)
+    params: dict[str, ParamSpec] = field(default_factory=dict)
 
 
 def expand(request: Request, n_inputs: dict[int, int], float_inputs: dict[int, tuple[bool, ...]]) -> list[LayerRequest]:

@@ -16,6 +16,7 @@ from ._effective import compute_precision, effective_input_precisions
 from ._placement import Place, PlaceKind, Placement, passes_through
 from ._requests import LayerRequest, Request, RequestKind, expand
 from .config import SimConfig
+from .granularity import Granularity
 from .graph import Graph
 from .precision import FP32, Precision
 
@@ -37,6 +38,8 @@ class PrecisionState(Protocol):
 
     def precision_at(self, place: Place) -> Precision | None: ...
 
+    def granularity_at(self, place: Place) -> Granularity | None: ...
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -49,6 +52,7 @@ class Claim:
     reader: int | None  # the layer on whose behalf the claim was made
     via: int | None  # the layer the request came through (fused consumer, shared-tensor peer)
     direct: bool  # the losing side of a conflict raises under strict only when direct
+    granularity: Granularity | None = None  # a param request may bring its own (e.g. per-block)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,9 @@ class PlannedState:
         self._changes = changes
         self._canonical = canonical
 
+    def granularity_at(self, place: Place) -> Granularity | None:
+        return self._base.granularity_at(place)
+
     def precision_at(self, place: Place) -> Precision | None:
         key = self._canonical(place)
         if key in self._changes:
@@ -163,7 +170,7 @@ class _Propagator:
         key = self.canonical(claim.place)
         held = self.plan.claims.get(key)
         if held is not None:
-            if held.precision != claim.precision:
+            if held.precision != claim.precision or held.granularity != claim.granularity:
                 self.plan.conflicts.append(Conflict(key, held, claim))
             return
         self.plan.claims[key] = claim
@@ -198,7 +205,10 @@ class _Propagator:
         own = self.own_input(layer, slot)
         if own is not None:
             self.claim(Claim(own, precision, rid, reason, reader, via, direct))
-            return
+            if not precision.is_full:
+                return
+            # fp32 removes the layer's own input quantizer; the layer then reads the quantizer
+            # upstream, so that one must go too for the input to be read at fp32.
         tid = self.graph.layers[layer].inputs[slot]
         if tid is None:
             return
@@ -215,11 +225,17 @@ class _Propagator:
         if self.current(place) is not None or not passes_through(self.placement, producer, out_slot):
             self.claim(Claim(place, precision, rid, reason, reader, via, direct))
             return
+        player = self.graph.layers[producer]
+        if not any(f and t is not None for f, t in zip(player.input_is_float, player.inputs)):
+            # Nothing upstream carries the value's precision (an embedding reads integer ids):
+            # the request outranks the config and quantizes the producer's output itself.
+            if self.placement.outputs[producer][out_slot] is not None:
+                self.claim(Claim(place, precision, rid, reason, reader, via, direct))
+            return
         # The producer has no output quantizer: it computes fused with this layer, so the
         # request moves on to the producer's own inputs.
         if producer not in self.plan.treated:
             self.plan.treated[producer] = Treatment(rid, precision, Reason.PROPAGATED, layer)
-        player = self.graph.layers[producer]
         for k, is_float in enumerate(player.input_is_float):
             if is_float:
                 self.realize(producer, k, precision, rid, reason=Reason.PROPAGATED, via=layer, direct=direct, reader=producer)
@@ -246,10 +262,11 @@ class _Propagator:
             if precision is not None and self.graph.layers[lr.layer].input_is_float[slot]:
                 self.realize(lr.layer, slot, precision, request, reason=Reason.REQUESTED, via=None,
                              direct=request.direct, reader=lr.layer)  # fmt: skip
-        for name, precision in lr.params.items():
+        for name, spec in lr.params.items():
             if name in self.graph.layers[lr.layer].params:
                 place = Place(PlaceKind.PARAM, lr.layer, name)
-                self.claim(Claim(place, precision, request.id, Reason.REQUESTED, lr.layer, None, request.direct))
+                self.claim(Claim(place, spec.precision, request.id, Reason.REQUESTED, lr.layer, None, request.direct,
+                                 spec.granularity))  # fmt: skip
 
     def run_io_request(self, kind: RequestKind, index: int, request: Request, precision: Precision) -> None:
         if kind is RequestKind.MODEL_INPUT:
@@ -316,7 +333,8 @@ def resolve(state: PrecisionState, config: SimConfig, requests: list[Request]) -
     for place, claim in plan.claims.items():
         old = state.precision_at(place)
         new = None if claim.precision.is_full else claim.precision
-        if old != new:
+        regranulated = new is not None and claim.granularity is not None and claim.granularity != state.granularity_at(place)
+        if old != new or regranulated:
             plan.changes.append(Change(place, old, new, claim))
             overlay[place] = new
     planned = PlannedState(state, overlay, canonical)

@@ -65,6 +65,23 @@ class LayerQuantizers(nn.Module):
         return _quantize_leaves(output, self.output_quantizers)
 
 
+def quantized_param(q: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    """``q(param)``, reused across forwards while neither the parameter nor the encoding changed.
+
+    Only where no gradient flows (inference, calibration of later layers): training must see a
+    fresh fake-quant node every step.
+    """
+    if (torch.is_grad_enabled() and param.requires_grad) or getattr(q, "is_calibrating", False):
+        return q(param)
+    key = (param.data_ptr(), param._version, param.dtype, *((b.data_ptr(), b._version) for b in q.buffers(recurse=False)))
+    cached = q.__dict__.get("_mixprec_param_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = q(param)
+    q.__dict__["_mixprec_param_cache"] = (key, result)
+    return result
+
+
 def param_key(name: str) -> str:
     """ModuleDict keys cannot hold dots: ``out_proj.weight`` is stored as ``out_proj:weight``."""
     return name.replace(".", ":")
@@ -227,7 +244,7 @@ class QuantizedLeaf:
                 if q is not None:
                     original = owner._parameters[attr]
                     swapped.append((owner, attr, original))
-                    owner._parameters[attr] = q(original)
+                    owner._parameters[attr] = quantized_param(q, original)
             output = super().forward(*args, **kwargs)
             return site.quantize_outputs(output)
         finally:

@@ -12,7 +12,10 @@ from torch import nn
 
 from . import _op_types as ops
 from ._requests import TargetKind
+from ._runtime import original_class
 from .errors import RequestError
+from .granularity import PerBlock
+from .param_spec import ParamSpec
 from .precision import Precision, parse_optional
 
 if TYPE_CHECKING:
@@ -48,7 +51,7 @@ def match_target(sim: QuantizationSimModel, target: Any) -> tuple[tuple[int, ...
                 if float_name is not None
                 else "pass a module of sim.model (e.g. sim.model.features[1])"
             )
-            raise RequestError(f"module {type(target).__name__} is not part of sim.model: {hint}")
+            raise RequestError(f"module {original_class(target).__name__} is not part of sim.model: {hint}")
         return _match_module(sim, name, target)
     if isinstance(target, type):
         if not issubclass(target, nn.Module):
@@ -87,7 +90,7 @@ def _match_module(sim: QuantizationSimModel, name: str, module: nn.Module) -> tu
         kind = TargetKind.MODULE
     if not layers:
         raise RequestError(
-            f"module {name or '<root>'!r} ({type(module).__name__}) has no quantized layer: it is not called in the "
+            f"module {name or '<root>'!r} ({original_class(module).__name__}) has no quantized layer: it is not called in the "
             "forward pass, or it only moves data (reshape, dropout, identity)"
         )
     return layers, kind, name or "<root>"
@@ -133,7 +136,7 @@ def parse_activation(value: Any) -> tuple[tuple[Precision | None, ...] | None, b
         raise RequestError(f"activation={value!r}: {exc}") from exc
 
 
-def parse_params(value: Any) -> tuple[tuple[str, Precision], ...]:
+def parse_params(value: Any) -> tuple[tuple[str, ParamSpec], ...]:
     if value is None:
         return ()
     if not isinstance(value, dict):
@@ -143,7 +146,7 @@ def parse_params(value: Any) -> tuple[tuple[str, Precision], ...]:
         if not isinstance(name, str):
             raise RequestError(f"param names must be strings, got {name!r}")
         try:
-            parsed.append((name, Precision.parse(precision)))
+            parsed.append((name, ParamSpec.parse(precision)))
         except ValueError as exc:
             raise RequestError(f"param[{name!r}]={precision!r}: {exc}") from exc
     return tuple(parsed)
@@ -159,12 +162,24 @@ def check_layer_arguments(sim: QuantizationSimModel, layers: tuple[int, ...], ac
                     f"activation list has {len(activation)} entries but layer {layer.name!r} has "
                     f"{len(layer.inputs)} input(s); give one entry per input (None leaves one alone)"
                 )
-    for name, _ in params:
+    for name, spec in params:
         if not any(name in graph.layers[i].params for i in layers):
             available = sorted({p for i in layers for p in graph.layers[i].params})
             raise RequestError(
                 f"param {name!r} is not a parameter of any targeted layer; available: {available or 'none'}"
             )
+        if isinstance(spec.granularity, PerBlock):
+            for i in layers:
+                ref = graph.layers[i].params.get(name)
+                if ref is None:
+                    continue
+                shape = tuple(sim.model.get_submodule(ref.owner)._parameters[ref.attr].shape)
+                axis = spec.granularity.axis
+                if not -len(shape) <= axis < len(shape) or shape[axis] % spec.granularity.block_size:
+                    raise RequestError(
+                        f"param {name!r} of layer {graph.layers[i].name!r} has shape {list(shape)}: its axis {axis} "
+                        f"is not a multiple of block_size {spec.granularity.block_size}"
+                    )
 
 
 def match_io(skeleton: Any, value: Any, what: str, is_float: Callable[[int], bool], path: str = "") -> list[tuple[int, Precision]]:

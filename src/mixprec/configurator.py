@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,13 +37,16 @@ class MixedPrecisionConfigurator:
         self.sim = sim
         self._requests: list[Request] = []
         self._next_id = 0
+        self._location: str | None = None  # set while a profile entry records (see _recorded_at)
 
     @property
     def requests(self) -> tuple[Request, ...]:
         """The requests recorded since the last successful apply, in call order."""
         return tuple(self._requests)
 
-    def set_precision(self, target: Any, activation: Any, param: dict[str, Any] | None = None) -> None:
+    def set_precision(
+        self, target: Any, activation: Any, param: dict[str, Any] | None = None, *, within: Any = None
+    ) -> None:
         """Request a precision for the layers ``target`` names.
 
         Args:
@@ -51,6 +56,10 @@ class MixedPrecisionConfigurator:
             activation: the precision the layers read their inputs and compute at: one precision,
                 a list with one entry (or None) per input, or None to change params only.
             param: param name -> precision, e.g. ``{"weight": "int16"}``; ``"fp32"`` removes a quantizer.
+                A value may carry its granularity: ``ParamSpec("int4", PerBlock(64))`` or
+                ``{"precision": "int4", "block_size": 64}``.
+            within: restrict ``target`` to the layers inside this scope (a module, a name, a glob or a
+                regex), e.g. ``set_precision(torch.matmul, "int16", within="model.layers.*.self_attn.*")``.
 
         Raises:
             RequestError: bad target, precision, list length or param name (nothing is recorded).
@@ -59,6 +68,12 @@ class MixedPrecisionConfigurator:
         activation_parsed, is_list = _targets.parse_activation(activation)
         params = _targets.parse_params(param)
         layers, kind, description = _targets.match_target(self.sim, target)
+        if within is not None:
+            scope, _, scope_name = _targets.match_target(self.sim, within)
+            layers = tuple(i for i in layers if i in set(scope))
+            description = f"{description} within {scope_name}"
+            if not layers and kind is not TargetKind.MODULE_CLASS and kind is not TargetKind.FUNCTION:
+                raise RequestError(f"target {description!r} matches no quantized layer")
         _targets.check_layer_arguments(self.sim, layers, activation_parsed, is_list, params)
         self._record(RequestKind.LAYER, description, kind, location, layers=layers,
                      activation=activation_parsed, activation_is_list=is_list, params=params)  # fmt: skip
@@ -87,8 +102,18 @@ class MixedPrecisionConfigurator:
         self._record(kind, what, TargetKind.MODEL_IO, location, io=tuple(pairs))
 
     def _record(self, kind: RequestKind, target: str, target_kind: TargetKind, location: str, **fields: Any) -> None:
+        location = self._location or location
         self._requests.append(Request(self._next_id, kind, target, target_kind, location=location, **fields))
         self._next_id += 1
+
+    @contextlib.contextmanager
+    def _recorded_at(self, location: str) -> Iterator[None]:
+        """Record the requests made inside as coming from ``location`` (a profile entry), not the caller."""
+        previous, self._location = self._location, location
+        try:
+            yield
+        finally:
+            self._location = previous
 
     def apply_profile(self, profile: Any) -> None:
         """Record the requests of a profile (see :func:`mixprec.load_profile`) in order."""
@@ -121,7 +146,7 @@ class MixedPrecisionConfigurator:
         plan, planned = self._plan(strict)
         report = build_report(self.sim, plan, planned, applied=True, strict=strict)
         for change in plan.changes:
-            self.sim.set_precision_at(change.place, change.new)
+            self.sim.set_precision_at(change.place, change.new, change.claim.granularity)
         self._requests.clear()
         report.write(log_file)
         return report

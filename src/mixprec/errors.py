@@ -37,3 +37,7 @@ class UnsupportedKernelError(MixprecError, RuntimeError):
 
 class ExportError(MixprecError, RuntimeError):
     """Export could not write complete, consistent artifacts."""
+
+
+class ProfileError(MixprecError, ValueError):
+    """A profile file (YAML/JSON list of requests) is malformed or names what the model lacks."""

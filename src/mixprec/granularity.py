@@ -50,3 +50,28 @@ class PerBlock:
 
 
 Granularity = Union[PerTensor, PerChannel, PerBlock]
+
+
+_GRANULARITY_NAMES = ("per_tensor", "per_channel", "per_block")
+
+
+def parse_granularity(value: object, *, axis: int | None = None, block_size: int | None = None) -> Granularity:
+    """A granularity object, or its name with ``axis`` / ``block_size``.
+
+    Raises:
+        ValueError: an unknown name, or a missing block size for ``per_block``.
+    """
+    if isinstance(value, (PerTensor, PerChannel, PerBlock)):
+        return value
+    if value == "per_tensor":
+        return PerTensor()
+    if value == "per_channel":
+        return PerChannel(0 if axis is None else axis)
+    if value == "per_block":
+        if block_size is None:
+            raise ValueError("granularity 'per_block' needs block_size (e.g. 64)")
+        return PerBlock(block_size, 1 if axis is None else axis)
+    raise ValueError(
+        f"unknown granularity {value!r}; accepted: PerTensor(), PerChannel(axis), PerBlock(block_size, axis) "
+        f"or one of {', '.join(_GRANULARITY_NAMES)}"
+    )

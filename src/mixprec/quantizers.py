@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mixprec import _quant_math as qm
-from mixprec._observers import QuantScheme, RangeObserver
+from mixprec._observers import QuantScheme, RangeObserver, num_bins_for_tensor
 from mixprec.errors import EncodingNotComputedError
 from mixprec.granularity import Granularity, PerBlock, PerChannel, PerTensor
 from mixprec.precision import INT_PRECISIONS, Precision, PrecisionLike
@@ -102,6 +102,19 @@ class QuantizerBase(nn.Module):
     def is_calibrating(self) -> bool:
         return self._observing
 
+    @property
+    def observer(self) -> RangeObserver | None:
+        """Statistics collected since ``begin_calibration`` (None when not observing, or for
+        fp16/bf16). Replace it, e.g. with statistics combined across processes, before
+        ``end_calibration``."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, value: RangeObserver) -> None:
+        if not self._observing or self._observer is None:
+            raise RuntimeError(f"{self._where()} is not calibrating; call begin_calibration() first")
+        self._observer = value
+
     def extra_repr(self) -> str:
         sym = "symmetric" if self._symmetric else "asymmetric"
         label = f", label={self.label!r}" if self.label else ""
@@ -138,10 +151,18 @@ class QuantizerBase(nn.Module):
 
     # ------------------------------------------------------------------ calibration
 
-    def begin_calibration(self, scheme: QuantScheme | str = QuantScheme.TF_ENHANCED) -> None:
-        """Enter observing mode: forward returns inputs unchanged and records their statistics."""
+    def begin_calibration(
+        self, scheme: QuantScheme | str = QuantScheme.TF_ENHANCED, collect: bool = True
+    ) -> None:
+        """Enter observing mode: forward returns inputs unchanged and records their statistics.
+
+        Args:
+            scheme: how ``end_calibration`` turns statistics into a range.
+            collect: False only passes values through, e.g. for parameter quantizers that get
+                ``calibrate_tensor`` afterwards (re-observing weights every batch is wasted work).
+        """
         self._scheme = QuantScheme.parse(scheme)
-        self._observer = self._new_observer(self._scheme) if self.needs_encoding else None
+        self._observer = self._new_observer(self._scheme) if self.needs_encoding and collect else None
         self._observing = True
 
     def end_calibration(self) -> None:
@@ -149,7 +170,7 @@ class QuantizerBase(nn.Module):
 
         Raises:
             CalibrationError: no data reached this quantizer (the previous encoding is kept).
-            RuntimeError: ``begin_calibration`` was not called.
+            RuntimeError: ``begin_calibration`` was not called, or was called with ``collect=False``.
         """
         if not self._observing:
             raise RuntimeError(f"{self._where()}: end_calibration() without begin_calibration()")
@@ -157,6 +178,10 @@ class QuantizerBase(nn.Module):
         self.abort_calibration()
         if observer is not None:
             self._set_from_observer(observer, self._scheme)
+        elif self.needs_encoding:
+            raise RuntimeError(
+                f"{self._where()}: nothing was collected (collect=False); use calibrate_tensor()"
+            )
 
     def abort_calibration(self) -> None:
         """Leave observing mode, discarding statistics; the encoding is unchanged."""
@@ -169,11 +194,11 @@ class QuantizerBase(nn.Module):
         self.abort_calibration()
         if not self.needs_encoding:
             return
-        observer = self._new_observer(scheme)
+        observer = self._new_observer(scheme, num_bins_for_tensor(self._granularity, t))
         observer.observe(t.detach())
         self._set_from_observer(observer, scheme)
 
-    def _new_observer(self, scheme: QuantScheme) -> RangeObserver:
+    def _new_observer(self, scheme: QuantScheme, num_bins: int | None = None) -> RangeObserver:
         return RangeObserver(self._granularity, histogram=False, label=self.label)
 
     def _set_from_observer(self, observer: RangeObserver, scheme: QuantScheme) -> None:
@@ -339,8 +364,10 @@ class IntQuantizer(QuantizerBase):
         self._by_ndim: dict[int, qm.QParams] = {}
         self._refresh()
 
-    def _new_observer(self, scheme: QuantScheme) -> RangeObserver:
-        return RangeObserver(self._granularity, histogram=scheme.needs_histogram, label=self.label)
+    def _new_observer(self, scheme: QuantScheme, num_bins: int | None = None) -> RangeObserver:
+        return RangeObserver(
+            self._granularity, histogram=scheme.needs_histogram, num_bins=num_bins, label=self.label
+        )
 
     def _set_from_observer(self, observer: RangeObserver, scheme: QuantScheme) -> None:
         mn, mx = observer.compute_range(

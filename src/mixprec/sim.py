@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import weakref
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from ._placement import Place, PlaceKind, Placement, SlotTemplate, place_quantiz
 from ._runtime import FunctionalSite, LayerQuantizers, SimRuntime, original_class, param_key, quantized_class
 from .capture import capture, split_dummy_input
 from .config import SimConfig, load_config
+from .granularity import Granularity
 from .graph import Graph, Layer
 from .precision import NumberKind, Precision
 from .quantizers import QuantizerBase, make_quantizer
@@ -234,14 +236,24 @@ class QuantizationSimModel:
             return self.placement.outputs[place.layer][int(place.slot)]
         return self.placement.params[self.graph.layers[place.layer].params[str(place.slot)].key]
 
-    def set_precision_at(self, place: Place, precision: Precision | None) -> None:
+    def granularity_at(self, place: Place) -> Granularity | None:
+        q = self.quantizer_at(place)
+        return None if q is None else q.granularity
+
+    def set_precision_at(self, place: Place, precision: Precision | None, granularity: Granularity | None = None) -> None:
         """Put a fresh quantizer of ``precision`` at ``place`` (None or fp32 removes it).
 
         The place keeps its symmetry and granularity; the new quantizer needs calibration.
         A parameter's quantizer is replaced for every layer that reads that parameter.
         """
         label = self.describe(place)
-        new = self._build(self.template_at(place), precision, label)
+        template = self.template_at(place)
+        current = self.quantizer_at(place)
+        if granularity is None and current is not None:
+            granularity = current.granularity  # a precision change keeps the place's granularity
+        if granularity is not None:
+            template = SlotTemplate(dataclasses.replace(template.settings, granularity=granularity), template.initial)
+        new = self._build(template, precision, label)
         if place.kind is PlaceKind.MODEL_INPUT:
             self._runtime.input_quantizers[int(place.slot)] = new
             return

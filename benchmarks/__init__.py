@@ -1,0 +1,1 @@
+"""mixprec benchmarks: run with ``python benchmarks/run.py`` (see docs/performance.md)."""

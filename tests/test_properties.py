@@ -1,0 +1,354 @@
+"""Property-based tests of manual mixed precision (spec §3-§4) over random models and requests.
+
+Each example builds a random model (tests/strategies.py), a sim with a random config, calibrates
+it, then records random request sequences and applies them (one or two rounds). After every
+``apply`` the properties below must hold; on every raise the sim must be exactly as before.
+Profiles: ``ci`` (default, derandomized) and ``long`` (``--hypothesis-profile=long``), see
+tests/conftest.py and docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mixprec import MixedPrecisionConfigurator, Precision, QuantizationSimModel
+from mixprec._placement import Place, PlaceKind
+from mixprec.errors import CalibrationError, MixprecError, PrecisionConflictError, RequestError, UnsupportedKernelError
+
+from .strategies import CONFIGS, RequestSpec, expected_layers, model_specs, request_sequences, sim_config
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def run(model: Any, inputs: tuple) -> Any:
+    return model(*inputs)
+
+
+def calibrate(sim: QuantizationSimModel, inputs: tuple) -> None:
+    sim.compute_encodings(lambda m, _: run(m, inputs), None)
+
+
+def full_snapshot(sim: QuantizationSimModel) -> tuple:
+    """Every place's quantizer: identity, class, precision, settings and encoding tensors; and training."""
+    state = []
+    for place in sim.places():
+        q = sim.quantizer_at(place)
+        if q is None:
+            state.append((place, None))
+            continue
+        enc = None
+        if q.needs_encoding and q.is_initialized:
+            e = q.get_encoding()
+            enc = tuple(None if t is None else t.tolist() for t in (e.scale, e.offset, e.min, e.max))
+        state.append((place, id(q), type(q).__name__, q.precision, q.symmetric, str(q.granularity), q.is_initialized, enc))
+    return tuple(state), sim.model.training
+
+
+def precisions(sim: QuantizationSimModel) -> dict[Place, tuple[int | None, Precision | None]]:
+    return {p: (id(q) if (q := sim.quantizer_at(p)) is not None else None, sim.precision_at(p)) for p in sim.places()}
+
+
+def name(p: Precision | None) -> str | None:
+    return None if p is None else p.name
+
+
+def wanted(text: str | None) -> str | None:
+    """What the sim holds after a request for ``text``: its canonical name, or None for fp32."""
+    if text is None:
+        return None
+    p = Precision.parse(text)
+    return None if p.is_full else p.name
+
+
+def by_design_fused(sim: QuantizationSimModel, layer: int, slot: int) -> bool:
+    template = sim.placement.outputs[layer][slot]
+    return template is None or layer in sim.placement.fused or template.initial is None
+
+
+def effective_inputs(sim: QuantizationSimModel, layer_index: int, memo: dict[int, Precision | None]) -> list[Precision | None]:
+    """Spec §2, 'producer quantizer of an input', written independently of mixprec._effective."""
+    graph = sim.graph
+    layer = graph.layers[layer_index]
+    result: list[Precision | None] = []
+    for slot, tid in enumerate(layer.inputs):
+        if not layer.input_is_float[slot]:
+            result.append(None)
+            continue
+        if sim.placement.inputs[layer_index][slot] is not None and sim.precision_at(Place(PlaceKind.INPUT, layer_index, slot)):
+            result.append(sim.precision_at(Place(PlaceKind.INPUT, layer_index, slot)))
+            continue
+        result.append(None if tid is None else value_precision(sim, tid, memo))
+    return result
+
+
+def value_precision(sim: QuantizationSimModel, tid: int, memo: dict[int, Precision | None]) -> Precision | None:
+    graph = sim.graph
+    node = graph.tensors[graph.source(tid)]
+    if node.model_input is not None:
+        i = node.model_input
+        return sim.precision_at(Place(PlaceKind.MODEL_INPUT, None, i)) if sim.placement.model_inputs[i] else None
+    if node.producer is None:
+        return None
+    producer, slot = node.producer
+    q = sim.quantizer_at(Place(PlaceKind.OUTPUT, producer, slot)) if sim.placement.outputs[producer][slot] else None
+    if q is not None:
+        return q.precision
+    if not by_design_fused(sim, producer, slot):
+        return None  # a request removed the quantizer (fp32)
+    if producer not in memo:
+        found = [p for p in effective_inputs(sim, producer, memo) if p is not None]
+        memo[producer] = max(found) if found else None
+    return memo[producer]
+
+
+def fused_upstream(sim: QuantizationSimModel, layer_index: int) -> set[int]:
+    """The layer and every producer it computes fused with (no output quantizer), transitively."""
+    graph = sim.graph
+    seen = {layer_index}
+    stack = [layer_index]
+    while stack:
+        layer = graph.layers[stack.pop()]
+        for tid in layer.inputs:
+            if tid is None:
+                continue
+            node = graph.tensors[graph.source(tid)]
+            if node.producer is None:
+                continue
+            p, slot = node.producer
+            fused = sim.quantizer_at(Place(PlaceKind.OUTPUT, p, slot)) is None and by_design_fused(sim, p, slot)
+            if fused and p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return seen
+
+
+# -- the properties after a successful apply ----------------------------------------------------------------
+
+
+def check_one_precision_per_tensor(sim: QuantizationSimModel) -> None:
+    graph = sim.graph
+    memo: dict[int, Precision | None] = {}
+    table = {row["name"]: row for row in sim.precision_table()}
+    for layer in graph.layers:
+        if layer.data_movement or layer.name not in table:
+            continue
+        mine = [name(p) for p in effective_inputs(sim, layer.index, memo)]
+        assert table[layer.name]["effective_inputs"] == mine, f"precision_table disagrees for {layer.name}"
+    sources = {graph.source(t) for t in graph.tensors}
+    for tid in sources:
+        seen = {}
+        for reader, slot in graph.readers(tid):
+            if sim.placement.inputs[reader.index][slot] is not None and sim.precision_at(Place(PlaceKind.INPUT, reader.index, slot)):
+                continue  # reads through its own input quantizer
+            seen[f"{reader.name}[{slot}]"] = name(effective_inputs(sim, reader.index, memo)[slot])
+        assert len(set(seen.values())) <= 1, f"tensor {tid} read at several precisions: {seen}"
+
+
+def lost(report: dict, rid: int, layers: set[str]) -> bool:
+    return any(c["loser"] == rid and c["loser_layer"] in layers for c in report["conflicts"])
+
+
+def check_latest_request_holds(sim: QuantizationSimModel, report: dict, issued: list[tuple[int, RequestSpec]]) -> None:
+    graph = sim.graph
+    memo: dict[int, Precision | None] = {}
+    latest: dict[int, tuple[int, RequestSpec]] = {}
+    for rid, spec in issued:
+        if spec.kind not in ("input", "output"):
+            for index in expected_layers(sim, spec):
+                latest[index] = (rid, spec)
+    for index, (rid, spec) in latest.items():
+        layer = graph.layers[index]
+        exempt_layers = {graph.layers[i].name for i in fused_upstream(sim, index)}
+        if spec.activation is not None:
+            asked = spec.activation if isinstance(spec.activation, list) else [spec.activation] * len(layer.inputs)
+            got = effective_inputs(sim, index, memo)
+            for slot, text in enumerate(asked):
+                if text is None or layer.inputs[slot] is None or not layer.input_is_float[slot]:
+                    continue
+                if name(got[slot]) != wanted(text) and not lost(report, rid, exempt_layers):
+                    raise AssertionError(
+                        f"layer {layer.name} input {slot}: request {rid} {spec} asked {text}, "
+                        f"reads {name(got[slot])}; conflicts: {report['conflicts']}"
+                    )
+        for pname, text in spec.param or ():
+            if pname not in layer.params:
+                continue
+            place = Place(PlaceKind.PARAM, index, pname)
+            if name(sim.precision_at(place)) != wanted(text):
+                quantizer = sim.describe(place)
+                assert any(c["loser"] == rid and c["quantizer"] == quantizer for c in report["conflicts"]), (
+                    f"layer {layer.name} param {pname}: request {rid} asked {text}, holds {name(sim.precision_at(place))}"
+                )
+
+
+def check_drawn_in_layers(sim: QuantizationSimModel, report: dict) -> None:
+    """Rule 3: a reader drawn in by a shared tensor is treated as requested at that precision (all inputs)."""
+    graph = sim.graph
+    memo: dict[int, Precision | None] = {}
+    for row in report["after_propagation"]:
+        if row["reason"] != "shared tensor":
+            continue
+        layer = graph.layer(row["layer"])
+        got = {
+            name(p)
+            for slot, p in enumerate(effective_inputs(sim, layer.index, memo))
+            if layer.inputs[slot] is not None and layer.input_is_float[slot]
+        }
+        names = {graph.layers[i].name for i in fused_upstream(sim, layer.index)}
+        assert len(got) <= 1 or lost(report, row["request"], names), (
+            f"layer {layer.name}, drawn in by request {row['request']}, reads {got}"
+        )
+
+
+def check_changes_listed(sim: QuantizationSimModel, before: dict, report: dict) -> None:
+    after = precisions(sim)
+    listed = {c["quantizer"]: c for c in report["changes"]}
+    for place, (qid, precision) in after.items():
+        if before[place] != (qid, precision):
+            label = sim.describe(place)
+            assert label in listed, f"{label} changed {before[place][1]} -> {precision} but the report does not list it"
+            assert listed[label]["new"] == name(precision) and listed[label]["old"] == name(before[place][1])
+            q = sim.quantizer_at(place)
+            if q is not None:
+                settings = sim.template_at(place).settings
+                assert q.granularity == settings.granularity, label
+                assert q.precision.is_float or q.symmetric == settings.symmetric, label
+                assert not q.needs_encoding or not q.is_initialized, f"{label}: a changed quantizer must need calibration"
+    labels = {sim.describe(p) for p in after}
+    for label, c in listed.items():
+        assert label in labels
+        place = next(p for p in after if sim.describe(p) == label)
+        assert name(after[place][1]) == c["new"], f"{label}: report says {c['new']}, sim holds {after[place][1]}"
+
+
+def check_plan_matches_sim(sim: QuantizationSimModel, report: dict) -> None:
+    """The report describes the sim as apply left it: its layer map and its after-propagation rows."""
+    memo: dict[int, Precision | None] = {}
+    graph = sim.graph
+    for row in report["layers"]:
+        layer = graph.layer(row["name"])
+        found = [p for p in effective_inputs(sim, layer.index, memo) if p is not None]
+        assert row["computes"] == name(max(found) if found else None), row
+        outputs = [
+            name(sim.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
+            for s, t in enumerate(sim.placement.outputs[layer.index])
+        ]
+        assert row["outputs"] == outputs, row
+        assert row["params"] == {n: name(sim.precision_at(Place(PlaceKind.PARAM, layer.index, n))) for n in layer.params}
+    for row in report["after_propagation"]:
+        layer = graph.layer(row["layer"])
+        assert row["inputs"] == [name(p) for p in effective_inputs(sim, layer.index, memo)], row
+    for c in report["conflicts"]:
+        assert c["winner_precision"] != c["loser_precision"], f"agreeing requests never conflict: {c}"
+
+
+def apply_and_check(sim: QuantizationSimModel, mp: MixedPrecisionConfigurator, issued: list, strict: bool, inputs: tuple) -> None:
+    requests = mp.requests
+    snap = full_snapshot(sim)
+    before = precisions(sim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preview: Any = mp.preview(strict=strict).to_dict()
+        except MixprecError as exc:
+            preview = exc
+    assert full_snapshot(sim) == snap, "preview changed the sim"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = mp.apply(log_file=None, strict=strict)
+        except MixprecError as exc:
+            assert isinstance(exc, (PrecisionConflictError, UnsupportedKernelError)) and strict, repr(exc)
+            assert full_snapshot(sim) == snap, "a failed apply changed the sim"
+            assert mp.requests == requests, "a failed apply must keep the requests"
+            assert isinstance(preview, type(exc)) and str(preview) == str(exc), "preview and apply disagree"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lenient = mp.preview(strict=False)
+            if isinstance(exc, PrecisionConflictError):
+                assert any(c["loser_direct"] for c in lenient.conflicts)
+            else:
+                assert lenient.kernel_findings and not any(c["loser_direct"] for c in lenient.conflicts)
+            apply_and_check(sim, mp, issued, False, inputs)
+            return
+    assert not isinstance(preview, Exception), f"preview raised {preview!r} but apply succeeded"
+    data = report.to_dict()
+    preview.pop("applied"), data.pop("applied")
+    assert preview == data, "preview and apply produced different reports"
+    assert not mp.requests, "a successful apply clears the requests"
+    messages = " ".join(str(w.message) for w in caught)
+    direct_losers = [c for c in data["conflicts"] if c["loser_direct"]]
+    if strict:
+        assert not direct_losers and not data["kernel_findings"]
+    else:
+        assert not direct_losers or "conflict" in messages
+        assert not data["kernel_findings"] or "no kernel" in messages
+    for c in direct_losers:
+        loser = next(spec for rid, spec in issued if rid == c["loser"])
+        assert loser.direct, f"request {loser} names no layer directly but was reported as a direct loser"
+
+    check_changes_listed(sim, before, data)
+    check_one_precision_per_tensor(sim)
+    check_latest_request_holds(sim, data, issued)
+    check_drawn_in_layers(sim, data)
+    check_plan_matches_sim(sim, data)
+
+    calibrate(sim, inputs)
+    for leaf in torch.utils._pytree.tree_leaves(run(sim.model, inputs)):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            assert torch.isfinite(leaf).all(), "the sim's output is not finite"
+
+
+# -- the tests -------------------------------------------------------------------------------------------
+
+
+@given(
+    spec=model_specs(),
+    config=st.sampled_from(CONFIGS),
+    output_bw=st.sampled_from((8, 16)),
+    data=st.data(),
+)
+def test_random_requests_resolve_consistently(spec, config, output_bw, data) -> None:
+    inputs = spec.example_input()
+    sim = QuantizationSimModel(spec.build(), dummy_input=inputs, default_output_bw=output_bw, config_file=sim_config(config))
+    calibrate(sim, inputs)
+    mp = MixedPrecisionConfigurator(sim)
+    for _ in range(data.draw(st.integers(1, 2), label="rounds")):
+        issued: list[tuple[int, RequestSpec]] = []
+        for request in data.draw(request_sequences(sim), label="requests"):
+            recorded = mp.requests
+            snap = full_snapshot(sim)
+            try:
+                request.issue(mp)
+            except RequestError:
+                assert mp.requests == recorded and full_snapshot(sim) == snap
+                continue
+            new = mp.requests[-1]
+            if request.kind not in ("input", "output"):
+                assert new.layers == expected_layers(sim, request), f"{request} matched {new.layers}"
+            issued.append((new.id, request))
+        strict = data.draw(st.booleans(), label="strict")
+        apply_and_check(sim, mp, issued, strict, inputs)
+
+
+@given(spec=model_specs(max_ops=5), bad=st.sampled_from(("nan", "inf", "-inf")), data=st.data())
+def test_calibration_failure_names_a_quantizer_and_keeps_encodings(spec, bad, data) -> None:
+    inputs = spec.example_input()
+    sim = QuantizationSimModel(spec.build(), dummy_input=inputs)
+    calibrate(sim, inputs)
+    snap = full_snapshot(sim)
+    which = data.draw(st.integers(0, spec.n_inputs - 1), label="input")
+    poisoned = list(inputs)
+    poisoned[which] = poisoned[which].clone()
+    poisoned[which][0, 0, 0, 0] = float(bad)
+    with pytest.raises(CalibrationError, match=r"quantizer '.+' .*non-finite values.*\n.*no encoding was changed"):
+        calibrate(sim, tuple(poisoned))
+    assert full_snapshot(sim) == snap
+    out = run(sim.model, inputs)
+    assert all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(out) if t.is_floating_point())
