@@ -431,6 +431,16 @@ def test_report_counts_transitions():
     assert report.to_dict()["transition_count"] == len(report.transitions)
 
 
+def test_mixed_inputs_create_a_transition():
+    sim, mp, _ = make("multi_io", default_output_bw=16)
+    mp.set_precision(sim.model.fy, activation="int8")  # fy's output is lowered to int8; fx's stays int16
+    report = mp.apply(log_file=None)
+    assert report.transitions == [
+        {"producer": "fy", "consumer": "mul", "slot": 1, "tensor": "int8", "computes": "int16"}
+    ]
+    assert report.transition_count == 1
+
+
 def test_tied_weight_request_sets_both_layers_and_report_says_so():
     sim, mp, _ = make("tied_embedding")
     mp.set_precision(sim.model.head, activation=None, param={"weight": "int16"})

@@ -162,6 +162,9 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     res["ddp-int8-tf_enhanced"] = _encodings(ddp_sim)
 
     sim = sims["int8-tf_enhanced"]
+    uneven = _batches()[:3] if rank == 0 else _batches()[3:]  # shards of different lengths
+    sim.compute_encodings(_forward(uneven), None)
+    res["uneven-int8-tf_enhanced"] = _encodings(sim)
     bad = [b.clone() for b in shard]
     if rank == 1:
         bad[1][0, 1, 2, 3] = float("nan")
@@ -194,6 +197,8 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         for name, sim in sims.items():
             sim.compute_encodings(_forward(everything), None)
             res["reference"][name] = _encodings(sim)
+        sims["int8-tf"].compute_encodings(_forward(shard), None)
+        res["rank0-alone-int8-tf"] = _encodings(sims["int8-tf"])
     torch.save(res, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -247,9 +252,16 @@ def test_two_ranks_match_one_process_over_all_data_bit_for_bit(ranks, scheme, mi
         assert any("int16" in key for key in reference)
 
 
-def test_ddp_wrapped_model_gives_the_same_encodings(ranks) -> None:
+def test_one_rank_alone_would_give_other_encodings(ranks) -> None:
+    """Guards the tests above: the shards' ranges differ from the union's."""
+    alone, union = ranks[0]["rank0-alone-int8-tf"], ranks[0]["reference"]["int8-tf"]
+    assert any(not torch.equal(alone[k][0], union[k][0]) for k in union if "weight" not in k)
+
+
+@pytest.mark.parametrize("case", ["ddp", "uneven"], ids=["ddp-wrapped", "uneven-shards"])
+def test_ddp_wrapped_model_and_uneven_shards_give_the_same_encodings(ranks, case) -> None:
     for r in range(WORLD):
-        assert_same(ranks[r]["ddp-int8-tf_enhanced"], ranks[0]["reference"]["int8-tf_enhanced"])
+        assert_same(ranks[r][f"{case}-int8-tf_enhanced"], ranks[0]["reference"]["int8-tf_enhanced"])
 
 
 @pytest.mark.parametrize(

@@ -95,3 +95,9 @@ def test_block_size_must_divide_the_input_dimension():
     _, _, sim, mp = build()
     with pytest.raises(mixprec.RequestError, match="not a multiple of block_size 48"):
         mp.set_precision("model.layers.0.mlp.down_proj", activation=None, param={"weight": {"precision": "int4", "block_size": 48}})
+
+
+def test_per_block_on_transposed_conv1d_weight_is_a_clear_error():
+    _, _, sim, mp = build(factory=tiny_gpt2)
+    with pytest.raises(mixprec.RequestError, match="cannot be quantized per block.*Conv1D"):
+        mp.set_precision("transformer.h.0.mlp.c_fc", activation=None, param={"weight": {"precision": "int4", "block_size": 32}})

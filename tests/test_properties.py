@@ -352,3 +352,81 @@ def test_calibration_failure_names_a_quantizer_and_keeps_encodings(spec, bad, da
     assert full_snapshot(sim) == snap
     out = run(sim.model, inputs)
     assert all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(out) if t.is_floating_point())
+
+
+# -- regressions: minimal cases the property suite found -------------------------------------------------------
+
+
+class TwoBranches(torch.nn.Module):
+    """a(x) + b(x), and c reading a(x) too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.a(x)
+        return t + self.b(x), self.c(t)
+
+
+class SoftmaxOut(torch.nn.Module):
+    """softmax(fc(x)) is a model output and is read by head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = torch.softmax(self.fc(x), dim=-1)
+        return self.head(p), p
+
+
+def effective(sim: QuantizationSimModel, layer: str) -> list[str | None]:
+    return next(r["effective_inputs"] for r in sim.precision_table() if r["name"] == layer)
+
+
+def test_fp32_at_an_own_input_quantizer_also_removes_the_one_upstream() -> None:
+    sim = QuantizationSimModel(TwoBranches(), dummy_input=torch.randn(2, 4), config_file=sim_config("input_quantized"))
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision("add", activation="fp32")
+    mp.apply(log_file=None)
+    assert effective(sim, "add") == [None, None]
+    assert effective(sim, "c") == [None]  # a's output is one tensor: c reads it at fp32 too
+
+
+def test_request_through_an_unquantized_embedding_output_quantizes_that_output() -> None:
+    from .models import build
+
+    model, ids = build("tied_embedding")
+    sim = QuantizationSimModel(model, dummy_input=ids, config_file="per_channel")  # Gather output unquantized
+    assert effective(sim, "mix") == [None]
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(sim.model.mix, activation="int16")
+    mp.apply(log_file=None)
+    assert effective(sim, "mix") == ["int16"]
+    assert next(r for r in sim.precision_table() if r["name"] == "embed")["outputs"] == ["int16"]
+
+
+def test_model_output_request_on_a_fused_tensor_conflicts_with_its_reader() -> None:
+    config = sim_config("softmax_unquantized")
+    sim = QuantizationSimModel(SoftmaxOut(), dummy_input=torch.randn(2, 4), config_file=config)
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_model_output_precision([None, "int4"])
+    mp.set_precision(sim.model.head, activation="int8")
+    with pytest.raises(PrecisionConflictError, match=r"softmax output 0: request 0 .* wants int4 .* later request 1 .* sets int8"):
+        mp.preview(strict=True)
+    with pytest.warns(UserWarning, match="conflict"):
+        report = mp.apply(log_file=None, strict=False)
+    assert effective(sim, "head") == ["int8"]
+    assert [(c["winner"], c["loser"]) for c in report.conflicts] == [(1, 0)]
+
+
+def test_later_model_output_request_wins_over_an_indirect_reader_request() -> None:
+    sim = QuantizationSimModel(SoftmaxOut(), dummy_input=torch.randn(2, 4), config_file=sim_config("softmax_unquantized"))
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(torch.nn.Linear, activation="int8")
+    mp.set_model_output_precision([None, "int4"])
+    report = mp.apply(log_file=None, strict=True)
+    assert effective(sim, "head") == ["int4"]
+    assert any(c["loser"] == 0 and c["winner"] == 1 and not c["loser_direct"] for c in report.conflicts)

@@ -227,3 +227,14 @@ def test_sim_repr_and_exports():
     assert "QuantizationSimModel(ReshapeChain" in repr(sim)
     for name in mixprec.__all__:
         assert hasattr(mixprec, name)
+
+
+def test_sequential_root_keeps_its_forward_length_and_indexing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4)
+    sim = QuantizationSimModel(model, dummy_input=x)
+    calibrate(sim, x)
+    assert sim.model(x).shape == (3, 2)
+    assert len(sim.model) == 3 and isinstance(sim.model[-1], nn.Linear)
+    assert sim.model[-1].param_quantizers["weight"] is not None

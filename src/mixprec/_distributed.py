@@ -8,7 +8,8 @@ Every rank runs the same collectives in the same order, so no rank waits on one 
 2. Status: one SUM all-reduce of a fixed-size ``[world, 6]`` table (failure code, message length,
    quantizer count and signature, shape signature, empty observers). On any failure the lowest
    failing rank broadcasts its message and every rank raises the same ``CalibrationError``.
-3. Shapes, only when some rank has an observer that saw no data: one MAX all-reduce.
+3. Shapes, only when some rank has an observer that saw no data (or shapes differ): one MAX
+   all-reduce.
 4. Ranges: one MAX all-reduce of ``[-min, max, k]`` of every observer (MIN is MAX of negated
    values, exact) and of fingerprints of the quantized parameters.
 5. Counts: one SUM all-reduce of ``num_values`` and of every histogram re-binned to the layout of
@@ -121,10 +122,12 @@ class _Group:
         backend = str(dist.get_backend())
         device = torch.device("cpu")
         if backend not in ("gloo", "mpi") and "cpu:" not in backend:
-            # NCCL and other accelerator-only backends take tensors on this rank's device
-            accelerator = torch.accelerator.current_accelerator()
-            if accelerator is not None:
-                device = torch.device(accelerator.type, torch.accelerator.current_device_index())
+            # NCCL and other accelerator-only backends take tensors on this rank's current device
+            accel = getattr(torch, "accelerator", None)  # torch >= 2.6
+            if accel is not None and accel.current_accelerator() is not None:
+                device = torch.device(accel.current_accelerator().type, accel.current_device_index())
+            elif torch.cuda.is_available():
+                device = torch.device("cuda", torch.cuda.current_device())
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
     def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
@@ -180,7 +183,8 @@ def _exchange_status(
         buf = (mine if group.rank == src else torch.zeros(size, dtype=torch.uint8)).to(group.device)
         dist.broadcast(buf, src=src)
         text = bytes(buf.cpu().tolist()).decode(errors="replace")
-        others = f" (ranks {', '.join(map(str, failed[1:]))} failed too)" if len(failed) > 1 else ""
+        others = f" (rank{'s' if len(failed) > 2 else ''} {', '.join(map(str, failed[1:]))} failed too)"
+        others = others if len(failed) > 1 else ""
         raise CalibrationError(
             f"calibration failed on rank {src} of {group.world}: {text}{others}"
         ) from failure

@@ -10,7 +10,8 @@ widths (int2, int3, int5..int7, int9..int15) and strict grids clip in float to
 and 16-bit ones below opset 21, have no QuantizeLinear type: they are written as the sim's own
 float ops (``Mul(1/scale)``, ``Round``, ``Max``, ``Min``, ``Mul(scale)``). fp16/bf16 are Cast pairs,
 fp8 a QuantizeLinear to a float8 type. Non-float32 tensors are cast to float32 around the pair,
-as the sim computes in float32.
+as the sim computes in float32. Parameter initializers hold the sim's quantized values (see
+``_put_on_grid``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class QdqSpec:
     scale: np.ndarray | None = None  # float32, shape () or (C,)
     offset: np.ndarray | None = None  # int64, same shape (integers only)
     strict_lower: bool = False  # the grid drops its lowest code
+    grid_values: np.ndarray | None = None  # a parameter as the sim quantizes it (see insert_qdq)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,21 @@ def _chain(b: _Builder, spec: QdqSpec, form: Form, x: str, out: str, dims: list[
     b.node("DequantizeLinear", [b.node("QuantizeLinear", [x, s, zp], **attrs), s, zp], out, **attrs)
 
 
+def _put_on_grid(graph: onnx.GraphProto, index: int, values: np.ndarray) -> None:
+    """Replace a parameter initializer by its values on the sim's grid.
+
+    QuantizeLinear divides by the scale where the sim multiplies by the reciprocal; the two
+    round differently for a value within an ulp of a rounding tie (a few dozen of resnet18's
+    11M weights). A value already on the grid quantizes to its own code either way, so the QDQ
+    model holds exactly the sim's integer weights. Only this chain reads the initializer.
+    """
+    old = graph.initializer[index]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+    graph.initializer[index].CopyFrom(
+        numpy_helper.from_array(values.astype(dtype).reshape(tuple(old.dims)), old.name)
+    )
+
+
 def _tensor_types(graph: onnx.GraphProto) -> dict[str, tuple[int, list[int | None] | None]]:
     """(element type, dims or None) of every tensor whose type the graph records."""
     types: dict[str, tuple[int, list[int | None] | None]] = {}
@@ -228,6 +245,7 @@ def insert_qdq(
     original = list(graph.node)
     producer = {name: i for i, n in enumerate(original) for name in n.output}
     present = tensor_names(graph)
+    initializers = {t.name: i for i, t in enumerate(graph.initializer)}
     head: list[onnx.NodeProto] = []
     after: dict[int, list[onnx.NodeProto]] = {}
     rewire: dict[str, str] = {}
@@ -250,6 +268,8 @@ def insert_qdq(
         else:
             final = rewire[spec.key] = unique_name(f"{spec.key}_dq", used)
         elem, dims = types.get(spec.key, (TensorProto.FLOAT, None))
+        if spec.grid_values is not None and spec.key in initializers:
+            _put_on_grid(graph, initializers[spec.key], spec.grid_values)
         own_type = elem not in (TensorProto.FLOAT, TensorProto.UNDEFINED)
         wrap = own_type and form.kind != "cast"
         src = b.node("Cast", [x], to=TensorProto.FLOAT) if wrap else x

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .quantizers import QuantizerBase
 
 MARKER_DOMAIN = "ai.mixprec.export"
 MARKER_OP = "Marker"
+_ABSENT = object()
 TORCHSCRIPT_MAX_OPSET = 17  # well supported by the legacy exporter; the result is converted up
 
 
@@ -93,7 +95,7 @@ def marked_forward(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
 @contextlib.contextmanager
 def marking(quantizers: Sequence[QuantizerBase]) -> Iterator[None]:
     """Make ``quantizers[i]`` emit ``Marker(index=i)`` instead of quantizing, until exit."""
-    patched: list[QuantizerBase] = []
+    patched: list[tuple[QuantizerBase, Any]] = []
     # The runtime reuses quantized parameters across forwards (keyed by data pointers): a trace
     # must call every parameter quantizer, and fake tensors have no data pointer.
     cached = getattr(_runtime, "quantized_param", None)
@@ -101,12 +103,15 @@ def marking(quantizers: Sequence[QuantizerBase]) -> Iterator[None]:
         if cached is not None:
             _runtime.quantized_param = _uncached_param
         for i, q in enumerate(quantizers):
+            patched.append((q, q.__dict__.get("forward", _ABSENT)))
             q.forward = marked_forward(i)  # instance attribute shadows the class's forward
-            patched.append(q)
         yield
     finally:
-        for q in patched:
-            q.__dict__.pop("forward", None)
+        for q, previous in patched:
+            if previous is _ABSENT:
+                q.__dict__.pop("forward", None)
+            else:
+                q.forward = previous
         if cached is not None:
             _runtime.quantized_param = cached
 
@@ -134,7 +139,7 @@ def export_with_markers(
         try:
             return TracedModel(_export_dynamo(model, args, kwargs, opset), "dynamo", [])
         except Exception as exc:  # any exporter failure: try the other exporter before giving up
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            reason = _reason(exc)
         try:
             traced = _export_torchscript(model, args, kwargs, min(opset, TORCHSCRIPT_MAX_OPSET))
         except Exception as exc:
@@ -143,6 +148,16 @@ def export_with_markers(
             ) from exc
     note = f"the torch.export-based ONNX exporter failed ({reason}); used the legacy TorchScript exporter"
     return TracedModel(traced, "torchscript", [note])
+
+
+def _reason(exc: Exception) -> str:
+    """One line on why the exporter failed: the root cause from its report, without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    causes = [line for line in text.splitlines() if line.startswith("<class '")]
+    if causes:  # the exporter's summary lists "<class 'X'>: message" lines, root cause first
+        return re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>", r"\1", causes[0])
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}"
 
 
 def _export_dynamo(model: nn.Module, args: tuple, kwargs: dict, opset: int) -> onnx.ModelProto:

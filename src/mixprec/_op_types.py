@@ -222,7 +222,8 @@ def weight_channel_axis(module: nn.Module | None, param_attr: str) -> int:
         return 0
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return 1
-    if type(module).__name__ == "Conv1D":
+    original = getattr(type(module), "_mixprec_original_class", type(module))
+    if original.__name__ == "Conv1D":
         return 1
     return 0
 

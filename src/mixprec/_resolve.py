@@ -53,6 +53,7 @@ class Claim:
     via: int | None  # the layer the request came through (fused consumer, shared-tensor peer)
     direct: bool  # the losing side of a conflict raises under strict only when direct
     granularity: Granularity | None = None  # a param request may bring its own (e.g. per-block)
+    fused: bool = False  # the tensor stays without a quantizer: the request moved on upstream of it
 
 
 @dataclass(frozen=True)
@@ -166,17 +167,21 @@ class _Propagator:
     def current(self, place: Place) -> Precision | None:
         return self.state.precision_at(place)
 
-    def claim(self, claim: Claim, *, cascade: bool = True) -> None:
+    def claim(self, claim: Claim, *, cascade: bool = True) -> bool:
+        """Record ``claim`` unless the place is held; False when it was (a conflict, or agreement)."""
         key = self.canonical(claim.place)
         held = self.plan.claims.get(key)
         if held is not None:
             if held.precision != claim.precision or held.granularity != claim.granularity:
                 self.plan.conflicts.append(Conflict(key, held, claim))
-            return
+            elif held.fused and not claim.fused:
+                self.plan.claims[key] = claim  # agreeing, and asks for a quantizer there (a model output)
+            return False
         self.plan.claims[key] = claim
         old = self.current(key) or FP32
         if cascade and old != claim.precision:
             self.cascade(key, claim)
+        return True
 
     def cascade(self, place: Place, claim: Claim) -> None:
         """Rule 3: every other reader of the tensor now reads it at the claimed precision."""
@@ -233,7 +238,12 @@ class _Propagator:
                 self.claim(Claim(place, precision, rid, reason, reader, via, direct))
             return
         # The producer has no output quantizer: it computes fused with this layer, so the
-        # request moves on to the producer's own inputs.
+        # request moves on to the producer's own inputs. The tensor is claimed all the same
+        # (it stays without a quantizer), so that a request for another precision of it, such
+        # as a model output request, is a conflict instead of silently changing what this reads.
+        fused = Claim(place, precision, rid, reason, reader, via, direct, fused=True)
+        if not self.claim(fused):
+            return
         if producer not in self.plan.treated:
             self.plan.treated[producer] = Treatment(rid, precision, Reason.PROPAGATED, layer)
         for k, is_float in enumerate(player.input_is_float):
@@ -331,6 +341,8 @@ def resolve(state: PrecisionState, config: SimConfig, requests: list[Request]) -
     _Propagator(state, plan, canonical).run()
     overlay: dict[Place, Precision | None] = {}
     for place, claim in plan.claims.items():
+        if claim.fused:
+            continue
         old = state.precision_at(place)
         new = None if claim.precision.is_full else claim.precision
         regranulated = new is not None and claim.granularity is not None and claim.granularity != state.granularity_at(place)

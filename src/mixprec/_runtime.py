@@ -276,13 +276,34 @@ class QuantizedRoot:
             rt.leaf_depth = 0
 
 
+class SequentialRootView:
+    """For an ``nn.Sequential`` root: its forward, ``len`` and indexing see only the model's own
+    children, not the quantizer holders mixprec registers on the root."""
+
+    def _own_children(self) -> list[nn.Module]:
+        return [m for name, m in self._modules.items() if not name.startswith("mixprec_")]
+
+    def __iter__(self):
+        return iter(self._own_children())
+
+    def __len__(self) -> int:
+        return len(self._own_children())
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        children = self._own_children()
+        return nn.Sequential(*children[idx]) if isinstance(idx, slice) else children[idx]
+
+
 _CLASS_CACHE: dict[tuple[type, ...], type] = {}
 _CLASS_MODULE = sys.modules[__name__]
 
 
 def quantized_class(cls: type, *, leaf: bool, root: bool) -> type:
     """A subclass of ``cls`` with the wrappers mixed in, cached and picklable by name."""
-    mixins = tuple(m for m, on in ((QuantizedRoot, root), (QuantizedLeaf, leaf)) if on)
+    sequential_root = root and issubclass(cls, nn.Sequential)
+    mixins = tuple(
+        m for m, on in ((QuantizedRoot, root), (SequentialRootView, sequential_root), (QuantizedLeaf, leaf)) if on
+    )
     key = (*mixins, cls)
     if key not in _CLASS_CACHE:
         name = f"Quantized{'Root' if root else ''}{cls.__name__}"

@@ -173,9 +173,16 @@ def check_layer_arguments(sim: QuantizationSimModel, layers: tuple[int, ...], ac
                 ref = graph.layers[i].params.get(name)
                 if ref is None:
                     continue
-                shape = tuple(sim.model.get_submodule(ref.owner)._parameters[ref.attr].shape)
+                owner = sim.model.get_submodule(ref.owner)
+                shape = tuple(owner._parameters[ref.attr].shape)
                 axis = spec.granularity.axis
-                if not -len(shape) <= axis < len(shape) or shape[axis] % spec.granularity.block_size:
+                if ops.weight_channel_axis(owner, ref.attr) != 0 or len(shape) < 2 or axis % len(shape) == 0:
+                    raise RequestError(
+                        f"param {name!r} of layer {graph.layers[i].name!r} (shape {list(shape)}) cannot be quantized "
+                        "per block: blocks run along a non-output axis of a weight whose output channels are on "
+                        "axis 0 (transformers' Conv1D stores [in, out]); use per-channel there"
+                    )
+                if shape[axis] % spec.granularity.block_size:
                     raise RequestError(
                         f"param {name!r} of layer {graph.layers[i].name!r} has shape {list(shape)}: its axis {axis} "
                         f"is not a multiple of block_size {spec.granularity.block_size}"

@@ -37,7 +37,7 @@ from ._onnx_encodings import Row, build_encodings, read_encodings
 from ._onnx_graph import rename_io, strip_markers
 from ._onnx_qdq import QdqSpec, insert_qdq
 from ._onnx_trace import export_with_markers
-from ._placement import Place
+from ._placement import Place, PlaceKind
 from .capture import split_dummy_input
 from .errors import ExportError
 from .quantizers import IntQuantizer, QuantizerBase
@@ -135,7 +135,7 @@ def export_sim(
     folder = _check_target(Path(path), filename_prefix)
     entries = list(sim.quantizers())
     _check_encodings(entries)
-    args, kwargs = split_dummy_input(_default_dummy_input(sim) if dummy_input is None else dummy_input)
+    args, kwargs = _default_dummy_input(sim) if dummy_input is None else split_dummy_input(dummy_input)
 
     try:
         traced = export_with_markers(sim.model, args, kwargs, [q for _, q in entries], opset)
@@ -154,7 +154,7 @@ def export_sim(
         except RuntimeError as exc:
             raise ExportError(f"cannot convert the exported model to opset {opset}: {exc}") from None
     keys = keys_by_quantizer(sim, entries, sites)
-    specs = [_spec(q, key) for i, (_, q) in enumerate(entries) for key in keys[i]]
+    specs = [_spec(sim, place, q, key) for i, (place, q) in enumerate(entries) for key in keys[i]]
     try:
         typed = onnx.shape_inference.infer_shapes(float_model)  # element types and ranks for the Q/DQ pass
         qdq_model, forms = insert_qdq(typed, specs, opset)
@@ -261,7 +261,7 @@ def _check_encodings(entries: list[tuple[Place, QuantizerBase]]) -> None:
         )
 
 
-def _default_dummy_input(sim: QuantizationSimModel) -> Any:
+def _default_dummy_input(sim: QuantizationSimModel) -> tuple[tuple, dict]:
     inputs = sim.graph.inputs
     spec = sim.graph.input_structure
     if not all(io.is_float for io in inputs) or getattr(spec, "num_leaves", -1) != len(inputs):
@@ -270,21 +270,25 @@ def _default_dummy_input(sim: QuantizationSimModel) -> Any:
     kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
     leaves = [torch.randn(sim.graph.tensors[io.tensor].shape, **kw) for io in inputs]
     args, kwargs = pytree.tree_unflatten(leaves, spec)
-    return dict(kwargs) if kwargs else tuple(args)
+    return tuple(args), dict(kwargs)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _spec(q: QuantizerBase, key: str) -> QdqSpec:
+def _spec(sim: QuantizationSimModel, place: Place, q: QuantizerBase, key: str) -> QdqSpec:
     if not q.needs_encoding:
         return QdqSpec(key, q.label, q.precision, q.granularity)
     enc = q.get_encoding()
     offset = None if enc.offset is None else enc.offset.cpu().numpy()
     # the quantizer drops the lowest code of signed strict grids only (see IntQuantizer._refresh)
     strict = isinstance(q, IntQuantizer) and q.symmetric and q.strict_symmetric and bool((offset < 0).any())  # type: ignore[operator]
-    return QdqSpec(key, q.label, q.precision, q.granularity, enc.scale.cpu().numpy(), offset, strict)  # type: ignore[union-attr]
+    grid = None
+    if place.kind is PlaceKind.PARAM:
+        with torch.no_grad():
+            grid = q(sim.param_tensor(place).detach()).float().cpu().numpy()
+    return QdqSpec(key, q.label, q.precision, q.granularity, enc.scale.cpu().numpy(), offset, strict, grid)  # type: ignore[union-attr]
 
 
 def _rows(

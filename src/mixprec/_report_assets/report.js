@@ -126,7 +126,10 @@
         const key = u.id + ">" + v.id;
         let e = edges.get(key);
         if (!e) { e = { u, v, labels: new Set(), convert: false, transition: false }; edges.set(key, e); u.out.push(e); v.in.push(e); }
-        if (src.precision && src.precision !== n.precision) { e.convert = true; e.labels.add(src.precision + "\u2192" + n.precision); }
+        // A convert is where the tensor's precision (the producer's output quantizer, or what a
+        // fused producer computes at) differs from what the reader computes at: the report's transitions.
+        const tensor = src.kind === "layer" ? (src.layer.outputs[0] || src.precision) : src.precision;
+        if (tensor && tensor !== n.precision) { e.convert = true; e.labels.add(tensor + "\u2192" + n.precision); }
         if (transitions.has(s + "\u0000" + n.name)) e.transition = e.convert = true;
       });
     });
