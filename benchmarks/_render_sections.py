@@ -62,7 +62,7 @@ def _build(result: dict, aimet: dict) -> str:
             verdict(r["build_s"] < RESNET50_BUILD_MAX_S) if r["model"] == "resnet50" and r["build_s"] else "-"
         )
         a_build = (
-            f"{secs(a.get('build_s'))} (prep {secs(a.get('prepare_s'))})"
+            f"{secs(a.get('build_s'))} (prep {secs(a.get('prepare_s'))}, cpu {secs(a.get('build_cpu_s'))})"
             if a.get("build_s")
             else a.get("error")
         )

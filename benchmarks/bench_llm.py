@@ -42,7 +42,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     seq, batch, n_batches = (32, 2, 2) if args.quick else (128, 4, 4)
     batches = [
-        {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq)), "use_cache": False} for _ in range(n_batches)
+        {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq)), "use_cache": False}
+        for _ in range(n_batches)
     ]
     dummy = {"input_ids": batches[0]["input_ids"][:1], "use_cache": False}
 
@@ -88,7 +89,9 @@ def main() -> None:
         "logits_sqnr_db": round(sqnr, 1),
     }
     width = max(map(len, rows))
-    print(f"GPT-2 config, {layers} blocks, CPU, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(
+        f"GPT-2 config, {layers} blocks, CPU, torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
     for k, v in rows.items():
         print(f"  {k:<{width}}  {v}")
     out_path = Path(__file__).parent / "results" / "llm.json"

@@ -215,7 +215,9 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     model = GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 128, (2, 8))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}

@@ -69,13 +69,18 @@ class ModelSpec:
     outputs: Any
     n_groups: int
     seed: int = 0
+    keywords: bool = False  # dummy_input is a dict of keyword inputs x0, x1, ..., ids
 
-    def example_input(self) -> tuple[torch.Tensor, ...]:
+    def input_names(self) -> list[str]:
+        return [f"x{i}" for i in range(self.n_inputs)] + (["ids"] if self.with_ids else [])
+
+    def example_input(self) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+        """A tuple of positional inputs, or a dict of keyword inputs (``keywords``)."""
         g = torch.Generator().manual_seed(self.seed + 1)
         xs = [torch.randn(1, 4, HW, HW, generator=g) for _ in range(self.n_inputs)]
         if self.with_ids:
             xs.append(torch.randint(0, VOCAB, (1, 4, HW), generator=g))
-        return tuple(xs)
+        return dict(zip(self.input_names(), xs, strict=True)) if self.keywords else tuple(xs)
 
     def build(self) -> ProgramModel:
         torch.manual_seed(self.seed)
@@ -175,8 +180,9 @@ class ProgramModel(nn.Module):
                 self.paths[i] = f"{prefix}.op{i}"
             channels.append(out_channels(op, channels))
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         spec = self.spec
+        inputs = args or tuple(kwargs[k] for k in spec.input_names())
         values: list[torch.Tensor] = list(inputs[: spec.n_inputs])
         ids = inputs[spec.n_inputs] if spec.with_ids else None
         for i, op in enumerate(spec.ops):
@@ -348,7 +354,8 @@ def model_specs(draw: st.DrawFn, max_ops: int = 9) -> ModelSpec:
     else:
         outputs = tuple(leaves)
     seed = draw(st.integers(0, 3))
-    return ModelSpec(n_inputs, with_ids, tuple(ops), outputs, n_groups, seed)
+    keywords = draw(st.integers(0, 3)) == 0
+    return ModelSpec(n_inputs, with_ids, tuple(ops), outputs, n_groups, seed, keywords)
 
 
 # -- sim configs ---------------------------------------------------------------------------------------
@@ -423,7 +430,9 @@ class RequestSpec:
             target = FUNCTIONS[self.target]
         else:
             target = self.target
-        mp.set_precision(target, activation=self.activation, param=None if self.param is None else dict(self.param))
+        mp.set_precision(
+            target, activation=self.activation, param=None if self.param is None else dict(self.param)
+        )
 
     @property
     def direct(self) -> bool:
@@ -444,21 +453,27 @@ def expected_layers(sim: Any, spec: RequestSpec) -> tuple[int, ...]:
     if spec.kind in ("leaf", "module") or (spec.kind == "name" and sim.named_module(spec.target) is not None):
         m = spec.target
         if m in sim.leaf_module_names:
-            return tuple(l.index for l in layers if l.is_module and l.module_name == m)
-        return tuple(l.index for l in layers if m == "" or l.module_name == m or l.module_name.startswith(m + "."))
+            return tuple(lay.index for lay in layers if lay.is_module and lay.module_name == m)
+        return tuple(
+            lay.index
+            for lay in layers
+            if m == "" or lay.module_name == m or lay.module_name.startswith(m + ".")
+        )
     if spec.kind == "type":
         cls = TYPES[spec.target]
-        return tuple(l.index for l in layers if l.is_module and issubclass(l.op, cls))
+        return tuple(lay.index for lay in layers if lay.is_module and issubclass(lay.op, cls))
     if spec.kind == "function":
         canonical = function_name(FUNCTIONS[spec.target])
-        return tuple(l.index for l in layers if not l.is_module and l.type_name == canonical)
+        return tuple(lay.index for lay in layers if not lay.is_module and lay.type_name == canonical)
     if spec.kind == "name":
-        return tuple(l.index for l in layers if l.name == spec.target)
+        return tuple(lay.index for lay in layers if lay.name == spec.target)
     if spec.kind == "glob":
-        return tuple(l.index for l, n in zip(layers, names) if fnmatch.fnmatchcase(n, spec.target))
+        return tuple(
+            lay.index for lay, n in zip(layers, names, strict=True) if fnmatch.fnmatchcase(n, spec.target)
+        )
     if spec.kind == "regex":
         pattern = re.compile(spec.target[3:])
-        return tuple(l.index for l, n in zip(layers, names) if pattern.fullmatch(n))
+        return tuple(lay.index for lay, n in zip(layers, names, strict=True) if pattern.fullmatch(n))
     return ()
 
 
@@ -481,7 +496,7 @@ def request_specs(draw: st.DrawFn, sim: Any) -> RequestSpec:
     layers = quantizable_layers(sim)
     graph = sim.graph
     kinds = ["module", "type", "function", "name", "glob", "regex", "input", "output"]
-    if any(l.is_module for l in layers):
+    if any(lay.is_module for lay in layers):
         kinds.insert(0, "leaf")
     kind = draw(st.sampled_from(kinds))
     precision = st.sampled_from(PRECISIONS)
@@ -494,21 +509,21 @@ def request_specs(draw: st.DrawFn, sim: Any) -> RequestSpec:
             return RequestSpec("output", activation=draw(precision))
         return RequestSpec("output", activation=_io_value(draw, sim.output_skeleton, graph.outputs))
     if kind == "leaf":
-        target = draw(st.sampled_from(sorted({l.module_name for l in layers if l.is_module})))
+        target = draw(st.sampled_from(sorted({lay.module_name for lay in layers if lay.is_module})))
     elif kind == "module":
         modules = {""}
-        for l in layers:
-            parts = l.module_name.split(".") if l.module_name else []
+        for lay in layers:
+            parts = lay.module_name.split(".") if lay.module_name else []
             modules.update(".".join(parts[:n]) for n in range(1, len(parts)))
-            if not l.is_module and l.module_name:
-                modules.add(l.module_name)
+            if not lay.is_module and lay.module_name:
+                modules.add(lay.module_name)
         target = draw(st.sampled_from(sorted(m for m in modules if m not in sim.leaf_module_names)))
     elif kind == "type":
         target = draw(st.sampled_from(sorted(TYPES)))
     elif kind == "function":
         target = draw(st.sampled_from(sorted(FUNCTIONS)))
     else:
-        name = draw(st.sampled_from(sorted(l.name for l in layers)))
+        name = draw(st.sampled_from(sorted(lay.name for lay in layers)))
         if kind == "name":
             target = name
         elif kind == "glob":
@@ -530,11 +545,13 @@ def request_specs(draw: st.DrawFn, sim: Any) -> RequestSpec:
         activation = draw(st.lists(st.one_of(st.none(), precision), min_size=n, max_size=n))
     else:
         activation = None
-    available = sorted({p for l in targeted for p in l.params})
+    available = sorted({p for lay in targeted for p in lay.params})
     param = None
     if available and draw(st.booleans()):
         names = draw(st.lists(st.sampled_from(available), min_size=1, max_size=2, unique=True))
-        param = tuple((n, draw(st.sampled_from(PRECISIONS + ("int32",) if n == "bias" else PRECISIONS))) for n in names)
+        param = tuple(
+            (n, draw(st.sampled_from(PRECISIONS + ("int32",) if n == "bias" else PRECISIONS))) for n in names
+        )
     if activation is None and param is None:
         activation = draw(precision)
     return RequestSpec(kind, target, activation, param)

@@ -142,20 +142,15 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
     shard = _batches()[rank::WORLD]
-    res: dict[str, Any] = {"timings": {}}
-    phase = time.perf_counter()
+    res: dict[str, Any] = {}
     sims: dict[str, Any] = {}
     for mixed in (False, True):
         for scheme in SCHEMES:
             name = f"{'mixed' if mixed else 'int8'}-{scheme}"
             sims[name] = sim = _make_sim(scheme, mixed)
-            start = time.perf_counter()
             sim.compute_encodings(_forward(shard), None)
-            res["timings"][name] = time.perf_counter() - start
             res[name] = _encodings(sim)
 
-    res["timings"]["phase: sims and calibrations"] = time.perf_counter() - phase
-    phase = time.perf_counter()
     ddp_sim = _make_sim("tf_enhanced", False)
     ddp = DistributedDataParallel(ddp_sim.model)  # wrapped before; forward broadcasts buffers
     ddp_sim.compute_encodings(_forward(shard, model_override=ddp), None)
@@ -189,7 +184,6 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     res["after_failures"] = _encodings(sim)
     res["observers"] = _observer_protocol(rank)
     dist.destroy_process_group()
-    res["timings"]["phase: ddp, failures, observers"] = time.perf_counter() - phase
 
     if rank == 0:  # single-process reference over all the data, same threads, same process
         everything = _batches()
@@ -295,7 +289,8 @@ def test_failure_on_one_rank_raises_the_same_error_on_every_rank(ranks, case, pa
 
 
 def test_group_still_works_after_failures(ranks) -> None:
-    assert_same(ranks[0]["after_failures"], ranks[1]["after_failures"])
+    for r in range(WORLD):
+        assert_same(ranks[r]["after_failures"], ranks[0]["reference"]["int8-tf_enhanced"])
 
 
 def test_observer_combine_is_exact_with_a_quantizer_only_one_rank_feeds(ranks) -> None:

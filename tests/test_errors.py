@@ -40,43 +40,96 @@ def encodings(sim):
     state = []
     for place, q in sim.quantizers():
         enc = q.get_encoding() if q.is_initialized and q.needs_encoding else None
-        state.append((place, id(q), None if enc is None else (enc.scale.tolist(), None if enc.offset is None else enc.offset.tolist())))
+        state.append(
+            (
+                place,
+                id(q),
+                None
+                if enc is None
+                else (enc.scale.tolist(), None if enc.offset is None else enc.offset.tolist()),
+            )
+        )
     return state
 
 
 # -- requests: raised at call time, nothing recorded (RequestError, a ValueError) ---------------------------
 
 REQUEST_ROWS = [
-    ("dtype-name", lambda sim, mp: mp.set_precision(sim.model.fc, activation="int17"),
-     r"activation='int17': unknown precision 'int17'; accepted \(case-insensitive\): int2, .*int16.*fp16, bf16"),
-    ("dtype-name-in-list", lambda sim, mp: mp.set_precision(sim.model.fc, activation=["float8"]),
-     r"unknown precision 'float8'; accepted"),
-    ("param-dtype-name", lambda sim, mp: mp.set_precision(sim.model.fc, activation=None, param={"weight": "int1"}),
-     r"param\['weight'\]='int1': unknown precision 'int1'"),
-    ("io-dtype-name", lambda sim, mp: mp.set_model_input_precision("int33"),
-     r"model input activation='int33': unknown precision 'int33'"),
-    ("module-of-another-model", lambda sim, mp: mp.set_precision(nn.Linear(2, 2), activation="int16"),
-     r"module Linear is not part of sim.model: pass a module of sim.model"),
-    ("param-typo", lambda sim, mp: mp.set_precision(sim.model.fc, activation="int16", param={"wieght": "int8"}),
-     r"param 'wieght' is not a parameter of any targeted layer; available: \['bias', 'weight'\]"),
-    ("param-not-a-dict", lambda sim, mp: mp.set_precision(sim.model.fc, activation="int16", param=["weight"]),
-     r"param must be a dict of param name -> precision"),
-    ("name-matching-nothing", lambda sim, mp: mp.set_precision("blok1", activation="int16"),
-     r"target 'blok1' \(layer name\) matches no quantized layer; close names: .*block1"),
-    ("glob-matching-nothing", lambda sim, mp: mp.set_precision("head.*", activation="int16"),
-     r"target 'head\.\*' \(glob\) matches no quantized layer"),
-    ("regex-matching-nothing", lambda sim, mp: mp.set_precision("re:head", activation="int16"),
-     r"target 're:head' \(regex\) matches no quantized layer; list names with sim.precision_table\(\)"),
-    ("invalid-regex", lambda sim, mp: mp.set_precision("re:block(", activation="int16"),
-     r"target 're:block\(': invalid regex"),
-    ("bad-target-type", lambda sim, mp: mp.set_precision(42, activation="int16"),
-     r"target 42 \(int\) is not accepted; pass a module of sim.model, a module class, a function"),
-    ("class-not-a-module", lambda sim, mp: mp.set_precision(int, activation="int16"),
-     r"target class int is not a torch.nn.Module subclass"),
-    ("list-length", lambda sim, mp: mp.set_precision(sim.model.fc, activation=["int16", None]),
-     r"activation list has 2 entries but layer 'fc' has 1 input\(s\); give one entry per input"),
-    ("list-length-non-leaf", lambda sim, mp: mp.set_precision(sim.model.block1, activation=["int16", "int8"]),
-     r"activation list has 2 entries but layer 'block1.0' has 1 input\(s\)"),
+    (
+        "dtype-name",
+        lambda sim, mp: mp.set_precision(sim.model.fc, activation="int17"),
+        r"activation='int17': unknown precision 'int17'; accepted \(case-insensitive\): int2, .*int16.*fp16, bf16",
+    ),
+    (
+        "dtype-name-in-list",
+        lambda sim, mp: mp.set_precision(sim.model.fc, activation=["float8"]),
+        r"unknown precision 'float8'; accepted",
+    ),
+    (
+        "param-dtype-name",
+        lambda sim, mp: mp.set_precision(sim.model.fc, activation=None, param={"weight": "int1"}),
+        r"param\['weight'\]='int1': unknown precision 'int1'",
+    ),
+    (
+        "io-dtype-name",
+        lambda sim, mp: mp.set_model_input_precision("int33"),
+        r"model input activation='int33': unknown precision 'int33'",
+    ),
+    (
+        "module-of-another-model",
+        lambda sim, mp: mp.set_precision(nn.Linear(2, 2), activation="int16"),
+        r"module Linear is not part of sim.model: pass a module of sim.model",
+    ),
+    (
+        "param-typo",
+        lambda sim, mp: mp.set_precision(sim.model.fc, activation="int16", param={"wieght": "int8"}),
+        r"param 'wieght' is not a parameter of any targeted layer; available: \['bias', 'weight'\]",
+    ),
+    (
+        "param-not-a-dict",
+        lambda sim, mp: mp.set_precision(sim.model.fc, activation="int16", param=["weight"]),
+        r"param must be a dict of param name -> precision",
+    ),
+    (
+        "name-matching-nothing",
+        lambda sim, mp: mp.set_precision("blok1", activation="int16"),
+        r"target 'blok1' \(layer name\) matches no quantized layer; close names: .*block1",
+    ),
+    (
+        "glob-matching-nothing",
+        lambda sim, mp: mp.set_precision("head.*", activation="int16"),
+        r"target 'head\.\*' \(glob\) matches no quantized layer",
+    ),
+    (
+        "regex-matching-nothing",
+        lambda sim, mp: mp.set_precision("re:head", activation="int16"),
+        r"target 're:head' \(regex\) matches no quantized layer; list names with sim.precision_table\(\)",
+    ),
+    (
+        "invalid-regex",
+        lambda sim, mp: mp.set_precision("re:block(", activation="int16"),
+        r"target 're:block\(': invalid regex",
+    ),
+    (
+        "bad-target-type",
+        lambda sim, mp: mp.set_precision(42, activation="int16"),
+        r"target 42 \(int\) is not accepted; pass a module of sim.model, a module class, a function",
+    ),
+    (
+        "class-not-a-module",
+        lambda sim, mp: mp.set_precision(int, activation="int16"),
+        r"target class int is not a torch.nn.Module subclass",
+    ),
+    (
+        "list-length",
+        lambda sim, mp: mp.set_precision(sim.model.fc, activation=["int16", None]),
+        r"activation list has 2 entries but layer 'fc' has 1 input\(s\); give one entry per input",
+    ),
+    (
+        "list-length-non-leaf",
+        lambda sim, mp: mp.set_precision(sim.model.block1, activation=["int16", "int8"]),
+        r"activation list has 2 entries but layer 'block1.0' has 1 input\(s\)",
+    ),
 ]
 
 
@@ -93,7 +146,9 @@ def test_bad_request_raises_at_call_time_and_records_nothing(call, match) -> Non
 def test_float_models_module_points_to_the_sims_copy() -> None:
     model, example = build("small_cnn")
     mp = MixedPrecisionConfigurator(QuantizationSimModel(model, dummy_input=example))
-    with pytest.raises(RequestError, match=r"it is the float model's module 'block1'; pass sim.model's copy instead"):
+    with pytest.raises(
+        RequestError, match=r"it is the float model's module 'block1'; pass sim.model's copy instead"
+    ):
         mp.set_precision(model.block1, activation="int16")
 
 
@@ -101,16 +156,33 @@ def test_module_that_only_moves_data_is_refused() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Identity())
     sim = QuantizationSimModel(model, dummy_input=torch.randn(2, 4))
     mp = MixedPrecisionConfigurator(sim)
-    with pytest.raises(RequestError, match=r"module '1' \(Identity\) has no quantized layer: .*only moves data"):
+    with pytest.raises(
+        RequestError, match=r"module '1' \(Identity\) has no quantized layer: .*only moves data"
+    ):
         mp.set_precision(sim.model[1], activation="int16")
 
 
 IO_ROWS = [
-    ("input-list-too-short", "input", ["int16"], r"model input: expected a list of 2 entries shaped like \[P, P\], got \['int16'\]"),
+    (
+        "input-list-too-short",
+        "input",
+        ["int16"],
+        r"model input: expected a list of 2 entries shaped like \[P, P\], got \['int16'\]",
+    ),
     ("input-list-too-long", "input", ["int16", None, None], r"model input: expected a list of 2 entries"),
     ("input-unknown-key", "input", {"z": "int16"}, r"model input: expected a list of 2 entries"),
-    ("output-nested-mismatch", "output", [None, ["int16"], None], r"model output\[1\]: expected one precision \(or None\) for a tensor, got \['int16'\]"),
-    ("output-list-too-short", "output", [None, "int16"], r"model output: expected a list of 3 entries shaped like \[P, P, P\]"),
+    (
+        "output-nested-mismatch",
+        "output",
+        [None, ["int16"], None],
+        r"model output\[1\]: expected one precision \(or None\) for a tensor, got \['int16'\]",
+    ),
+    (
+        "output-list-too-short",
+        "output",
+        [None, "int16"],
+        r"model output: expected a list of 3 entries shaped like \[P, P, P\]",
+    ),
 ]
 
 
@@ -125,7 +197,9 @@ def test_model_io_shape_mismatch_raises_at_call_time(which, value, match) -> Non
 
 def test_precision_for_a_non_float_model_input_is_refused() -> None:
     sim, mp, _ = make("tied_embedding")
-    with pytest.raises(RequestError, match=r"model input\[0\] is not a float tensor and cannot be quantized; use None there"):
+    with pytest.raises(
+        RequestError, match=r"model input\[0\] is not a float tensor and cannot be quantized; use None there"
+    ):
         mp.set_model_input_precision(["int16"])
     with pytest.raises(RequestError, match=r"the model has no float model input to quantize"):
         mp.set_model_input_precision("int16")
@@ -149,7 +223,10 @@ def test_conflicting_strict_requests() -> None:
     mp.set_precision(sim.model.a, activation="int16")
     mp.set_precision(sim.model.b, activation="int8")
     before = encodings(sim)
-    with pytest.raises(PrecisionConflictError, match=r"stem output 0: request 0 .* wants int16 for layer a, but later request 1 .* sets int8"):
+    with pytest.raises(
+        PrecisionConflictError,
+        match=r"stem output 0: request 0 .* wants int16 for layer a, but later request 1 .* sets int8",
+    ):
         mp.apply(log_file=None, strict=True)
     assert encodings(sim) == before and len(mp.requests) == 2
     with pytest.warns(UserWarning, match="requests conflict"):
@@ -159,18 +236,31 @@ def test_conflicting_strict_requests() -> None:
 def test_backend_unsupported_kernel() -> None:
     sim, mp, _ = make("reshape_chain", config_file="edge_strict")
     mp.set_precision(sim.model.fc2, activation="int4", param={"weight": "int4"})
-    with pytest.raises(UnsupportedKernelError, match=r"config <preset edge_strict>\):\n  fc2 \(Gemm\): activation int4, weight int4; supported: int8/int8, int16/int8"):
+    with pytest.raises(
+        UnsupportedKernelError,
+        match=r"config <preset edge_strict>\):\n  fc2 \(Gemm\): activation int4, weight int4; supported: int8/int8, int16/int8",
+    ):
         mp.apply(log_file=None, strict=True)
 
 
 # -- sim config files (ConfigError, a ValueError) ------------------------------------------------------------
 
 CONFIG_ROWS = [
-    ("unknown-key", '{"defaults": {"ops": {"is_output_quantised": "True"}}}',
-     r"defaults.ops.is_output_quantised: unknown key 'is_output_quantised'; did you mean 'is_output_quantized'\?"),
-    ("bad-bool", '{"defaults": {"per_channel_quantization": "yes"}}',
-     r"defaults.per_channel_quantization: expected a boolean, got 'yes' \(string\); accepted: true, false"),
-    ("bad-json", '{"defaults": {"ops": {}},}', r"is not valid JSON: Expecting property name .* at line 1, column 26"),
+    (
+        "unknown-key",
+        '{"defaults": {"ops": {"is_output_quantised": "True"}}}',
+        r"defaults.ops.is_output_quantised: unknown key 'is_output_quantised'; did you mean 'is_output_quantized'\?",
+    ),
+    (
+        "bad-bool",
+        '{"defaults": {"per_channel_quantization": "yes"}}',
+        r"defaults.per_channel_quantization: expected a boolean, got 'yes' \(string\); accepted: true, false",
+    ),
+    (
+        "bad-json",
+        '{"defaults": {"ops": {}},}',
+        r"is not valid JSON: Expecting property name .* at line 1, column 26",
+    ),
 ]
 
 
@@ -184,7 +274,9 @@ def test_malformed_config_file(tmp_path: Path, text: str, match: str) -> None:
 
 
 def test_missing_config_file() -> None:
-    with pytest.raises(ConfigError, match=r"sim config file 'per_chanel.json' not found; .*preset 'per_channel'"):
+    with pytest.raises(
+        ConfigError, match=r"sim config file 'per_chanel.json' not found; .*preset 'per_channel'"
+    ):
         mixprec.load_config("per_chanel.json")
 
 
@@ -193,7 +285,10 @@ def test_missing_config_file() -> None:
 
 def test_model_that_fails_on_its_dummy_input() -> None:
     model, _ = build("small_cnn")
-    with pytest.raises(CaptureError, match=r"capturing SmallCNN failed in its forward pass .*expected input\[2, 5, 8, 8\] to have 3 channels"):
+    with pytest.raises(
+        CaptureError,
+        match=r"capturing SmallCNN failed in its forward pass .*expected input\[2, 5, 8, 8\] to have 3 channels",
+    ):
         QuantizationSimModel(model, dummy_input=torch.randn(2, 5, 8, 8))
 
 
@@ -231,7 +326,10 @@ def test_forward_taking_another_path_than_the_capture() -> None:
 
 def test_quantizer_used_before_calibration() -> None:
     sim, _, example = make("small_cnn")
-    with pytest.raises(EncodingNotComputedError, match=r"quantizer 'model input input\[0\]' \(int8\) has no encoding yet; call sim.compute_encodings"):
+    with pytest.raises(
+        EncodingNotComputedError,
+        match=r"quantizer 'model input input\[0\]' \(int8\) has no encoding yet; call sim.compute_encodings",
+    ):
         sim.model(example)
 
 
@@ -242,7 +340,10 @@ def test_non_finite_calibration_data_names_the_layer_and_keeps_encodings(bad: st
     before = encodings(sim)
     poisoned = example.clone()
     poisoned[0, 0, 0, 0] = float(bad)
-    with pytest.raises(CalibrationError, match=r"quantizer 'stem output 0' observed non-finite values during calibration: .*\nno encoding was changed"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"quantizer 'stem output 0' observed non-finite values during calibration: .*\nno encoding was changed",
+    ):
         sim.compute_encodings(forward(poisoned), None)
     assert encodings(sim) == before
     sim.model(example)
@@ -259,7 +360,10 @@ def test_non_finite_activation_inside_the_model_names_that_layer() -> None:
 
     torch.manual_seed(0)
     sim = QuantizationSimModel(Log(), dummy_input=torch.randn(2, 4))
-    with pytest.raises(CalibrationError, match=r"quantizer 'log output 0' observed non-finite values during calibration: \d+ NaN"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"quantizer 'log output 0' observed non-finite values during calibration: \d+ NaN",
+    ):
         sim.compute_encodings(lambda m, _: m(torch.randn(64, 4)), None)
     assert all(not q.is_initialized for _, q in sim.quantizers() if q.needs_encoding)
 
@@ -268,7 +372,10 @@ def test_calibration_that_runs_nothing() -> None:
     sim, _, example = make("small_cnn")
     sim.compute_encodings(forward(example), None)
     before = encodings(sim)
-    with pytest.raises(CalibrationError, match=r"no data reached quantizer 'model input input\[0\]' during calibration; check that the forward"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"no data reached quantizer 'model input input\[0\]' during calibration; check that the forward",
+    ):
         sim.compute_encodings(lambda m, _: None, None)
     assert encodings(sim) == before
 
@@ -284,13 +391,17 @@ def test_callback_that_is_not_callable() -> None:
 
 def test_bad_bitwidth() -> None:
     model, example = build("small_cnn")
-    with pytest.raises(ValueError, match=r"default_output_bw=17 is not a valid int bitwidth; accepted: 2..16 \(or 32\)"):
+    with pytest.raises(
+        ValueError, match=r"default_output_bw=17 is not a valid int bitwidth; accepted: 2..16 \(or 32\)"
+    ):
         QuantizationSimModel(model, dummy_input=example, default_output_bw=17)
 
 
 def test_configurator_needs_a_sim() -> None:
     model, _ = build("small_cnn")
-    with pytest.raises(TypeError, match=r"MixedPrecisionConfigurator needs a mixprec.QuantizationSimModel, got SmallCNN"):
+    with pytest.raises(
+        TypeError, match=r"MixedPrecisionConfigurator needs a mixprec.QuantizationSimModel, got SmallCNN"
+    ):
         MixedPrecisionConfigurator(model)
 
 

@@ -22,7 +22,11 @@ def build(factory=tiny_llama, **kwargs):
 
 def finish(model, inputs, sim, report, bound):
     token_batches = [
-        {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long), "use_cache": False}
+        {
+            "input_ids": torch.randint(0, 128, (2, 8)),
+            "attention_mask": torch.ones(2, 8, dtype=torch.long),
+            "use_cache": False,
+        }
         for _ in range(3)
     ] + [inputs]
     sim.compute_encodings(forward_batches(token_batches, progress=False), None)
@@ -58,7 +62,9 @@ def test_recipe_softmax_and_attention_matmuls_int16():
 
 def test_recipe_w4_block64_a16_mlps_w8a8_elsewhere():
     model, inputs, sim, mp = build()
-    mp.set_precision("model.layers.*.mlp.*_proj", activation="int16", param={"weight": ParamSpec("int4", PerBlock(64))})
+    mp.set_precision(
+        "model.layers.*.mlp.*_proj", activation="int16", param={"weight": ParamSpec("int4", PerBlock(64))}
+    )
     report = finish(model, inputs, sim, mp.apply(log_file=None), 20)
     down = sim.model.model.layers[1].mlp.down_proj.param_quantizers["weight"]
     assert down.precision.name == "int4" and down.granularity == PerBlock(64)
@@ -82,7 +88,9 @@ def test_recipe_first_and_last_two_decoder_layers_int16():
 
 def test_gpt2_tied_embedding_reports_one_precision():
     model, inputs, sim, mp = build(factory=tiny_gpt2)
-    assert sim.model.lm_head.param_quantizers["weight"] is sim.model.transformer.wte.param_quantizers["weight"]
+    assert (
+        sim.model.lm_head.param_quantizers["weight"] is sim.model.transformer.wte.param_quantizers["weight"]
+    )
     mp.set_precision(sim.model.lm_head, activation=None, param={"weight": "int16"})
     report = mp.apply(log_file=None)
     change = next(c for c in report.changes if c["slot"] == "param weight")
@@ -94,10 +102,18 @@ def test_gpt2_tied_embedding_reports_one_precision():
 def test_block_size_must_divide_the_input_dimension():
     _, _, sim, mp = build()
     with pytest.raises(mixprec.RequestError, match="not a multiple of block_size 48"):
-        mp.set_precision("model.layers.0.mlp.down_proj", activation=None, param={"weight": {"precision": "int4", "block_size": 48}})
+        mp.set_precision(
+            "model.layers.0.mlp.down_proj",
+            activation=None,
+            param={"weight": {"precision": "int4", "block_size": 48}},
+        )
 
 
 def test_per_block_on_transposed_conv1d_weight_is_a_clear_error():
     _, _, sim, mp = build(factory=tiny_gpt2)
     with pytest.raises(mixprec.RequestError, match="cannot be quantized per block.*Conv1D"):
-        mp.set_precision("transformer.h.0.mlp.c_fc", activation=None, param={"weight": {"precision": "int4", "block_size": 32}})
+        mp.set_precision(
+            "transformer.h.0.mlp.c_fc",
+            activation=None,
+            param={"weight": {"precision": "int4", "block_size": 32}},
+        )

@@ -23,7 +23,11 @@ def test_bad_name_lists_accepted_names(bad):
 def test_order_follows_information_kept():
     assert Precision.parse("int4") < INT8 < FP8_E4M3 < INT16 < FP16 < FP32
     assert max([INT8, FP32, INT16]) is FP32
-    assert sorted(Precision.parse(n) for n in ("int16", "int8", "int4")) == [Precision.parse("int4"), INT8, INT16]
+    assert sorted(Precision.parse(n) for n in ("int16", "int8", "int4")) == [
+        Precision.parse("int4"),
+        INT8,
+        INT16,
+    ]
 
 
 def test_accepted_names_cover_the_spec():
@@ -31,6 +35,8 @@ def test_accepted_names_cover_the_spec():
         assert name in ACCEPTED_NAMES
 
 
-@pytest.mark.parametrize("bits, kind, name", [(8, "int", "int8"), (16, "float", "fp16"), (8, "float", "fp8_e4m3")])
+@pytest.mark.parametrize(
+    "bits, kind, name", [(8, "int", "int8"), (16, "float", "fp16"), (8, "float", "fp8_e4m3")]
+)
 def test_from_bitwidth(bits, kind, name):
     assert Precision.from_bitwidth(bits, kind).name == name

@@ -37,7 +37,9 @@ def test_float_model_is_never_modified():
 def test_in_place_quantizes_the_given_model():
     model, x = build("small_cnn")
     sim = QuantizationSimModel(model, dummy_input=x, in_place=True)
-    assert sim.model is model and isinstance(model.stem, nn.Conv2d) and hasattr(model.stem, "param_quantizers")
+    assert (
+        sim.model is model and isinstance(model.stem, nn.Conv2d) and hasattr(model.stem, "param_quantizers")
+    )
 
 
 def test_functional_layers_are_quantized_without_preparation():
@@ -66,7 +68,10 @@ def test_precision_table_rows_and_supergroups():
     assert set(table["block1.0"]) == {"name", "type", "params", "inputs", "outputs", "effective_inputs"}
     # Conv+BN+ReLU: the conv and the folded BN have no output quantizer; the ReLU closes the group
     assert table["block1.0"]["outputs"] == [None]
-    assert table["block1.1"]["outputs"] == [None] and table["block1.1"]["params"] == {"weight": None, "bias": None}
+    assert table["block1.1"]["outputs"] == [None] and table["block1.1"]["params"] == {
+        "weight": None,
+        "bias": None,
+    }
     assert table["block1.2"]["outputs"] == ["int8"]
     assert table["block1.0"]["params"] == {"weight": "int8", "bias": None}
     assert table["stem"]["effective_inputs"] == ["int8"]  # the model-input quantizer
@@ -95,7 +100,9 @@ def test_bad_constructor_arguments(kwargs, match):
 
 def test_float_data_type_gives_fp16_quantizers():
     model, x = build("reshape_chain")
-    sim = QuantizationSimModel(model, dummy_input=x, default_output_bw=16, default_param_bw=16, default_data_type=float)
+    sim = QuantizationSimModel(
+        model, dummy_input=x, default_output_bw=16, default_param_bw=16, default_data_type=float
+    )
     assert rows(sim)["fc1"]["outputs"] == ["fp16"] and rows(sim)["fc1"]["params"]["weight"] == "fp16"
     sim.model(x)  # fp16 needs no calibration
 
@@ -108,7 +115,9 @@ def test_module_called_twice_gets_quantizers_per_call_site():
     sites = sim.model.relu.mixprec_sites
     assert len(sites) == 2 and sites[0].output_quantizers[0] is not sites[1].output_quantizers[0]
     calibrate(sim, x)
-    assert not torch.equal(sites[0].output_quantizers[0].get_encoding().scale, sites[1].output_quantizers[0].get_encoding().scale)
+    assert not torch.equal(
+        sites[0].output_quantizers[0].get_encoding().scale, sites[1].output_quantizers[0].get_encoding().scale
+    )
 
 
 def test_control_flow_change_raises_clear_error():
@@ -123,7 +132,11 @@ def test_control_flow_change_raises_clear_error():
 
     model = Branchy().eval()
     sim = QuantizationSimModel(
-        model, dummy_input=torch.randn(2, 4), default_output_bw=16, default_param_bw=16, default_data_type="float"
+        model,
+        dummy_input=torch.randn(2, 4),
+        default_output_bw=16,
+        default_param_bw=16,
+        default_data_type="float",
     )
     with pytest.raises(CaptureError, match="layer 'add' .add. did not run in this forward"):
         sim.model(torch.randn(3, 4))
@@ -165,7 +178,9 @@ def resnet18_batch():
 )
 def test_resnet18_numerics(resnet18_batch, bw, data_type, check):
     model, x = resnet18_batch
-    sim = QuantizationSimModel(model, dummy_input=x[:1], default_output_bw=bw, default_param_bw=bw, default_data_type=data_type)
+    sim = QuantizationSimModel(
+        model, dummy_input=x[:1], default_output_bw=bw, default_param_bw=bw, default_data_type=data_type
+    )
     calibrate(sim, x)
     with torch.no_grad():
         y_float, y_sim = model(x), sim.model(x)
@@ -238,3 +253,26 @@ def test_sequential_root_keeps_its_forward_length_and_indexing():
     assert sim.model(x).shape == (3, 2)
     assert len(sim.model) == 3 and isinstance(sim.model[-1], nn.Linear)
     assert sim.model[-1].param_quantizers["weight"] is not None
+
+
+def test_core_runs_without_optional_dependencies():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ['onnx', 'onnxruntime', 'onnxscript', 'yaml', 'typer', 'rich', 'torchvision', 'transformers']:\n"
+        "    sys.modules[name] = None\n"
+        "import torch, mixprec\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()\n"
+        "x = torch.randn(2, 4)\n"
+        "sim = mixprec.QuantizationSimModel(m, dummy_input=x)\n"
+        "sim.compute_encodings(mixprec.forward_batches([x], progress=False), None)\n"
+        "shape = tuple(sim.model(x).shape)\n"
+        "mp = mixprec.MixedPrecisionConfigurator(sim)\n"
+        "mp.set_precision(sim.model[0], 'int16')\n"
+        "print(len(mp.apply(log_file=None).changes), shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "(2,", "4)"]

@@ -5,8 +5,8 @@ layers of the captured graph and are quantized as they are.
 """
 
 from ._observers import QuantScheme
-from .config import KernelSpec, SimConfig, load_config
 from .batches import forward_batches
+from .config import KernelSpec, SimConfig, load_config
 from .configurator import MixedPrecisionConfigurator
 from .errors import (
     CalibrationError,

@@ -93,15 +93,24 @@ def marked_forward(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @contextlib.contextmanager
-def marking(quantizers: Sequence[QuantizerBase]) -> Iterator[None]:
-    """Make ``quantizers[i]`` emit ``Marker(index=i)`` instead of quantizing, until exit."""
+def marking(quantizers: Sequence[QuantizerBase], runtime: Any = None) -> Iterator[None]:
+    """Make ``quantizers[i]`` emit ``Marker(index=i)`` instead of quantizing, until exit.
+
+    ``runtime`` (the sim's ``SimRuntime``) stops checking that every captured functional layer
+    ran: under torch.export, libraries take other paths where they test for tracing (transformers
+    builds attention masks differently), and export checks on its own that every quantizer
+    reached the graph.
+    """
     patched: list[tuple[QuantizerBase, Any]] = []
+    required = getattr(runtime, "required", None)
     # The runtime reuses quantized parameters across forwards (keyed by data pointers): a trace
     # must call every parameter quantizer, and fake tensors have no data pointer.
     cached = getattr(_runtime, "quantized_param", None)
     try:
         if cached is not None:
             _runtime.quantized_param = _uncached_param
+        if required is not None:
+            runtime.required = {}
         for i, q in enumerate(quantizers):
             patched.append((q, q.__dict__.get("forward", _ABSENT)))
             q.forward = marked_forward(i)  # instance attribute shadows the class's forward
@@ -114,6 +123,8 @@ def marking(quantizers: Sequence[QuantizerBase]) -> Iterator[None]:
                 q.forward = previous
         if cached is not None:
             _runtime.quantized_param = cached
+        if required is not None:
+            runtime.required = required
 
 
 def _uncached_param(q: nn.Module, param: torch.Tensor) -> torch.Tensor:
@@ -130,12 +141,17 @@ class TracedModel:
 
 
 def export_with_markers(
-    model: nn.Module, args: tuple, kwargs: dict, quantizers: Sequence[QuantizerBase], opset: int
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    quantizers: Sequence[QuantizerBase],
+    opset: int,
+    runtime: Any = None,
 ) -> TracedModel:
     """Export ``model`` (the sim's) with markers: the torch.export-based exporter first, then the
     legacy TorchScript exporter if that fails (with a note saying why)."""
     _register_onnx_schema()
-    with marking(quantizers), torch.no_grad():
+    with marking(quantizers, runtime), torch.no_grad():
         try:
             return TracedModel(_export_dynamo(model, args, kwargs, opset), "dynamo", [])
         except Exception as exc:  # any exporter failure: try the other exporter before giving up

@@ -148,10 +148,13 @@ def place_quantizers(
         settings = act_settings(layer.op_type)
         in_on = config.is_input_quantized(layer.op_type)
         inputs.append(
-            [SlotTemplate(settings, activation if in_on else None) if f else None for f in layer.input_is_float]
+            [
+                SlotTemplate(settings, activation if in_on else None) if f else None
+                for f in layer.input_is_float
+            ]
         )
         outs = []
-        for tid, is_float in zip(layer.outputs, layer.output_is_float):
+        for tid, is_float in zip(layer.outputs, layer.output_is_float, strict=True):
             if not is_float:
                 outs.append(None)
                 continue

@@ -231,7 +231,7 @@ class _Propagator:
             self.claim(Claim(place, precision, rid, reason, reader, via, direct))
             return
         player = self.graph.layers[producer]
-        if not any(f and t is not None for f, t in zip(player.input_is_float, player.inputs)):
+        if not any(f and t is not None for f, t in zip(player.input_is_float, player.inputs, strict=True)):
             # Nothing upstream carries the value's precision (an embedding reads integer ids):
             # the request outranks the config and quantizes the producer's output itself.
             if self.placement.outputs[producer][out_slot] is not None:

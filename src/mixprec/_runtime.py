@@ -73,13 +73,28 @@ def quantized_param(q: nn.Module, param: torch.Tensor) -> torch.Tensor:
     """
     if (torch.is_grad_enabled() and param.requires_grad) or getattr(q, "is_calibrating", False):
         return q(param)
-    key = (param.data_ptr(), param._version, param.dtype, *((b.data_ptr(), b._version) for b in q.buffers(recurse=False)))
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_fake(param):
+        return q(param)  # a tracer must see the quantizer, not a cached real tensor
+    key = (
+        param.data_ptr(),
+        param._version,
+        param.dtype,
+        *((b.data_ptr(), b._version) for b in q.buffers(recurse=False)),
+    )
     cached = q.__dict__.get("_mixprec_param_cache")
     if cached is not None and cached[0] == key:
         return cached[1]
     result = q(param)
     q.__dict__["_mixprec_param_cache"] = (key, result)
     return result
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return True
+    return t.device.type == "meta"
 
 
 def param_key(name: str) -> str:
@@ -101,10 +116,12 @@ class SimRuntime:
 
     def finalize(self) -> None:
         """Precompute, per code location, how many calls must happen for all its layers to run."""
+        # Only layers that can hold a quantizer matter: a skipped integer op (mask arithmetic
+        # that takes another path under tracing) loses nothing.
         self.required = {
-            key: max(i for i, site in enumerate(sites) if site is not None) + 1
+            key: max(i for i, site in enumerate(sites) if site is not None and site.has_places) + 1
             for key, sites in self.sites.items()
-            if any(site is not None for site in sites)
+            if any(site is not None and site.has_places for site in sites)
         }
 
     def check_all_sites_ran(self) -> None:
@@ -131,8 +148,11 @@ class SimRuntime:
 class FunctionalSite:
     """One captured functional call: the function expected there and its quantizers."""
 
-    def __init__(self, name: str, func: Callable, quantizers: LayerQuantizers, params: list[str]) -> None:
+    def __init__(
+        self, name: str, func: Callable, quantizers: LayerQuantizers, params: list[str], has_places: bool = True
+    ) -> None:
         self.name = name
+        self.has_places = has_places
         self.func = func
         self.quantizers = quantizers
         self.param_order = [param_key(p) for p in params]
@@ -302,7 +322,9 @@ def quantized_class(cls: type, *, leaf: bool, root: bool) -> type:
     """A subclass of ``cls`` with the wrappers mixed in, cached and picklable by name."""
     sequential_root = root and issubclass(cls, nn.Sequential)
     mixins = tuple(
-        m for m, on in ((QuantizedRoot, root), (SequentialRootView, sequential_root), (QuantizedLeaf, leaf)) if on
+        m
+        for m, on in ((QuantizedRoot, root), (SequentialRootView, sequential_root), (QuantizedLeaf, leaf))
+        if on
     )
     key = (*mixins, cls)
     if key not in _CLASS_CACHE:

@@ -18,7 +18,11 @@ def _run(model: nn.Module, batch: Any) -> Any:
 
 
 def forward_batches(
-    batches: Iterable[Any], *, progress: bool = True, description: str = "calibrating", total: int | None = None
+    batches: Iterable[Any],
+    *,
+    progress: bool = True,
+    description: str = "calibrating",
+    total: int | None = None,
 ) -> Callable[[nn.Module, Any], None]:
     """A ``compute_encodings`` callback that runs the model on every batch.
 

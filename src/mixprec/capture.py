@@ -145,7 +145,9 @@ class _Recorder:
         self.layers.append(layer)
         return layer
 
-    def bind_outputs(self, layer_index: int, tensors: list[torch.Tensor]) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    def bind_outputs(
+        self, layer_index: int, tensors: list[torch.Tensor]
+    ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
         ids = tuple(self.new_node(t, producer=(layer_index, k)) for k, t in enumerate(tensors))
         return ids, tuple(t.is_floating_point() for t in tensors)
 
@@ -303,7 +305,14 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> CaptureResult:
     out_flat, out_spec = pytree.tree_flatten_with_path(output)
     for keypath, leaf in out_flat:
         if isinstance(leaf, torch.Tensor) and id(leaf) in rec.tensor_of:
-            outputs.append(ModelIO(len(outputs), io_path("output", keypath), rec.tensor_of[id(leaf)], leaf.is_floating_point()))
+            outputs.append(
+                ModelIO(
+                    len(outputs),
+                    io_path("output", keypath),
+                    rec.tensor_of[id(leaf)],
+                    leaf.is_floating_point(),
+                )
+            )
     if not any(not layer.data_movement for layer in rec.layers):
         raise CaptureError(
             f"{type(model).__name__} has no layer reading its inputs: nothing to quantize "

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import onnx
 import torch
+
+try:
+    import onnx
+except ImportError as exc:  # an optional dependency: say how to get it
+    raise ImportError("export needs onnx and onnxruntime: pip install 'mixprec[export]'") from exc
 from torch.utils import _pytree as pytree
 
 from ._onnx_coverage import check_coverage, keys_by_quantizer
@@ -138,7 +142,7 @@ def export_sim(
     args, kwargs = _default_dummy_input(sim) if dummy_input is None else split_dummy_input(dummy_input)
 
     try:
-        traced = export_with_markers(sim.model, args, kwargs, [q for _, q in entries], opset)
+        traced = export_with_markers(sim.model, args, kwargs, [q for _, q in entries], opset, sim._runtime)
     except RuntimeError as exc:
         raise ExportError(f"could not export {type(sim.model).__name__} to ONNX: {exc}") from exc
     for note in traced.notes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True)
@@ -49,13 +48,15 @@ class PerBlock:
         return f"per_block(block_size={self.block_size}, axis={self.axis})"
 
 
-Granularity = Union[PerTensor, PerChannel, PerBlock]
+Granularity = PerTensor | PerChannel | PerBlock
 
 
 _GRANULARITY_NAMES = ("per_tensor", "per_channel", "per_block")
 
 
-def parse_granularity(value: object, *, axis: int | None = None, block_size: int | None = None) -> Granularity:
+def parse_granularity(
+    value: object, *, axis: int | None = None, block_size: int | None = None
+) -> Granularity:
     """A granularity object, or its name with ``axis`` / ``block_size``.
 
     Raises:

@@ -11,8 +11,6 @@ import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 
 class LayerKind(enum.Enum):
     """Whether a layer is a leaf module call or a functional/method call."""

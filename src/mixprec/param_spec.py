@@ -57,4 +57,6 @@ class ParamSpec:
         return ParamSpec(Precision.parse(value))
 
     def __str__(self) -> str:
-        return self.precision.name if self.granularity is None else f"{self.precision.name} ({self.granularity})"
+        return (
+            self.precision.name if self.granularity is None else f"{self.precision.name} ({self.granularity})"
+        )

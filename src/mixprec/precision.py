@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -112,7 +111,7 @@ class Precision:
         return by_bits[bitwidth]
 
 
-PrecisionLike = Union[Precision, str]
+PrecisionLike = Precision | str
 
 INT_PRECISIONS: dict[int, Precision] = {
     b: Precision(f"int{b}", NumberKind.INT, b) for b in [*range(2, 17), 32]

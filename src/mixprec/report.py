@@ -89,7 +89,12 @@ class MixedPrecisionReport:
                 [(c["layer"], c["slot"], c["old"], c["new"], c["request"], c["why"]) for c in self.changes],
             )
         )
-        _section(out, "Requests that matched nothing", self.unmatched, lambda r: f"[{r['id']}] {r['target']} at {r['location']}")
+        _section(
+            out,
+            "Requests that matched nothing",
+            self.unmatched,
+            lambda r: f"[{r['id']}] {r['target']} at {r['location']}",
+        )
         _section(out, "Requests shadowed by later requests", self.shadowed,
                  lambda r: f"[{r['id']}] {r['target']}: every layer taken by request(s) {r['by']}")  # fmt: skip
         _section(out, "Conflicts (the later request won)", self.conflicts,
@@ -98,9 +103,13 @@ class MixedPrecisionReport:
         _section(out, "Backend kernel findings", self.kernel_findings,
                  lambda k: f"{k['layer']} ({k['op_type']}): activation {k['activation']}, weight {k['param']} "
                  f"not in supported {k['supported']}")  # fmt: skip
-        out.write(f"\nPrecision transitions (converts a deployment toolchain inserts): {self.transition_count}\n")
+        out.write(
+            f"\nPrecision transitions (converts a deployment toolchain inserts): {self.transition_count}\n"
+        )
         for t in self.transitions:
-            out.write(f"  {t['producer']} -> {t['consumer']} input {t['slot']}: {t['tensor']} read at {t['computes']}\n")
+            out.write(
+                f"  {t['producer']} -> {t['consumer']} input {t['slot']}: {t['tensor']} read at {t['computes']}\n"
+            )
         return out.getvalue()
 
     def __str__(self) -> str:
@@ -150,6 +159,6 @@ def _table(columns: tuple[str, ...], rows: list[tuple]) -> str:
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+\n"
 
     def fmt_row(row: tuple) -> str:
-        return "|" + "|".join(f" {c:<{w}} " for c, w in zip(row, widths)) + "|\n"
+        return "|" + "|".join(f" {c:<{w}} " for c, w in zip(row, widths, strict=True)) + "|\n"
 
     return line + fmt_row(columns) + line + "".join(fmt_row(r) for r in cells) + line

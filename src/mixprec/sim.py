@@ -121,10 +121,14 @@ class QuantizationSimModel:
             lq = LayerQuantizers(len(layer.inputs), len(layer.outputs), [param_key(n) for n in layer.params])
             for slot, template in enumerate(placement.inputs[layer.index]):
                 if template is not None:
-                    lq.input_quantizers[slot] = self._build(template, template.initial, f"{layer.name} input {slot}")
+                    lq.input_quantizers[slot] = self._build(
+                        template, template.initial, f"{layer.name} input {slot}"
+                    )
             for slot, template in enumerate(placement.outputs[layer.index]):
                 if template is not None:
-                    lq.output_quantizers[slot] = self._build(template, template.initial, f"{layer.name} output {slot}")
+                    lq.output_quantizers[slot] = self._build(
+                        template, template.initial, f"{layer.name} output {slot}"
+                    )
             for name, ref in layer.params.items():
                 lq.param_quantizers[param_key(name)] = param_quantizers[ref.key]
             self._layer_quantizers.append(lq)
@@ -132,16 +136,18 @@ class QuantizationSimModel:
                 self._attach_to_module(layer, lq)
             else:
                 functional[layer.name.replace(".", ":")] = lq
-                sites[layer.index] = FunctionalSite(layer.name, layer.op, lq, list(layer.params))
+                has_places = bool(layer.params) or any(placement.inputs[layer.index]) or any(placement.outputs[layer.index])
+                sites[layer.index] = FunctionalSite(layer.name, layer.op, lq, list(layer.params), has_places)
         runtime.sites = {
-            key: [None if i is None else sites[i] for i in indices] for key, indices in result.sites_by_location.items()
+            key: [None if i is None else sites[i] for i in indices]
+            for key, indices in result.sites_by_location.items()
         }
         runtime.layer_functions = result.layer_functions
         runtime.finalize()
         runtime.input_quantizers = nn.ModuleList(
             [
                 None if t is None else self._build(t, t.initial, f"model input {io.path}")
-                for t, io in zip(placement.model_inputs, graph.inputs)
+                for t, io in zip(placement.model_inputs, graph.inputs, strict=True)
             ]
         )
         root = self.model
@@ -160,7 +166,8 @@ class QuantizationSimModel:
         if not hasattr(module, "mixprec_sites"):
             module.mixprec_sites = nn.ModuleList()
             module._mixprec_param_slots = [
-                (self.model.get_submodule(ref.owner), ref.attr, param_key(name)) for name, ref in layer.params.items()
+                (self.model.get_submodule(ref.owner), ref.attr, param_key(name))
+                for name, ref in layer.params.items()
             ]
         module.mixprec_sites.append(lq)
 
@@ -199,7 +206,7 @@ class QuantizationSimModel:
     # places -----------------------------------------------------------------------------
     def places(self) -> Iterator[Place]:
         """Every place of the graph where a quantizer exists or may be created."""
-        for i, io in enumerate(self.graph.inputs):
+        for i in range(len(self.graph.inputs)):
             if self.placement.model_inputs[i] is not None:
                 yield Place(PlaceKind.MODEL_INPUT, None, i)
         for layer in self.graph.layers:
@@ -240,7 +247,9 @@ class QuantizationSimModel:
         q = self.quantizer_at(place)
         return None if q is None else q.granularity
 
-    def set_precision_at(self, place: Place, precision: Precision | None, granularity: Granularity | None = None) -> None:
+    def set_precision_at(
+        self, place: Place, precision: Precision | None, granularity: Granularity | None = None
+    ) -> None:
         """Put a fresh quantizer of ``precision`` at ``place`` (None or fp32 removes it).
 
         The place keeps its symmetry and granularity; the new quantizer needs calibration.
@@ -252,7 +261,9 @@ class QuantizationSimModel:
         if granularity is None and current is not None:
             granularity = current.granularity  # a precision change keeps the place's granularity
         if granularity is not None:
-            template = SlotTemplate(dataclasses.replace(template.settings, granularity=granularity), template.initial)
+            template = SlotTemplate(
+                dataclasses.replace(template.settings, granularity=granularity), template.initial
+            )
         new = self._build(template, precision, label)
         if place.kind is PlaceKind.MODEL_INPUT:
             self._runtime.input_quantizers[int(place.slot)] = new
@@ -305,7 +316,9 @@ class QuantizationSimModel:
         calibrate(self, forward_pass_callback, forward_pass_callback_args)
 
     # export -----------------------------------------------------------------------------
-    def export(self, path: str, filename_prefix: str, dummy_input: Any = None, onnx_opset: int | None = None) -> Any:
+    def export(
+        self, path: str, filename_prefix: str, dummy_input: Any = None, onnx_opset: int | None = None
+    ) -> Any:
         """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``."""
         from .export import export_sim
 
@@ -334,9 +347,18 @@ class QuantizationSimModel:
                 {
                     "name": layer.name,
                     "type": layer.type_name,
-                    "params": {n: _name(self.precision_at(Place(PlaceKind.PARAM, layer.index, n))) for n in layer.params},
-                    "inputs": [_name(self.precision_at(Place(PlaceKind.INPUT, layer.index, s))) if t else None for s, t in enumerate(ins)],
-                    "outputs": [_name(self.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None for s, t in enumerate(outs)],
+                    "params": {
+                        n: _name(self.precision_at(Place(PlaceKind.PARAM, layer.index, n)))
+                        for n in layer.params
+                    },
+                    "inputs": [
+                        _name(self.precision_at(Place(PlaceKind.INPUT, layer.index, s))) if t else None
+                        for s, t in enumerate(ins)
+                    ],
+                    "outputs": [
+                        _name(self.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
+                        for s, t in enumerate(outs)
+                    ],
                     "effective_inputs": [_name(p) for p in effective_input_precisions(self, layer)],
                 }
             )
@@ -357,7 +379,9 @@ def _default_precision(arg: str, bitwidth: Any, kind: NumberKind) -> Precision:
         return Precision.from_bitwidth(bitwidth, kind)
     except ValueError as exc:
         accepted = "2..16 (or 32)" if kind is NumberKind.INT else "8, 16 or 32"
-        raise ValueError(f"{arg}={bitwidth!r} is not a valid {kind.value} bitwidth; accepted: {accepted}") from exc
+        raise ValueError(
+            f"{arg}={bitwidth!r} is not a valid {kind.value} bitwidth; accepted: {accepted}"
+        ) from exc
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
