@@ -24,6 +24,7 @@ SHARES = {"build": 0.3, "forward": 0.4, "calibration": 0.3}
 
 def main(settings: dict, out: Path) -> None:
     torch.set_num_threads(settings["threads"])
+    torch.set_flush_denormal(True)  # as in run.py: see _models.FLUSH_DENORMAL_NOTE
     result: dict = {"machine": machine_info(), "settings": settings, "status": "running"}
 
     def save() -> None:

@@ -97,14 +97,14 @@ def _forward(result: dict, aimet: dict) -> str:
         ok = [r[f"{p}_ratio"] <= FORWARD_RATIO_MAX for p in ("int8", "mixed")]
         rows.append(
             [r["model"], r["batch"], r["reps"], secs(r["float_s"]), secs(r["int8_s"]), _ratio(r["int8_ratio"]),
-             secs(r["mixed_s"]), _ratio(r["mixed_ratio"]), " / ".join(verdict(o) for o in ok), *a_cells]
+             secs(r["mixed_s"]), _ratio(r["mixed_ratio"]), " / ".join(verdict(o, r["reps"]) for o in ok), *a_cells]
         )  # fmt: skip
     header = ["model", "batch", "reps", "float", "sim int8", "ratio", "sim mixed", "ratio",
               f"<={FORWARD_RATIO_MAX}x (int8/mixed)", "aimet int8", "aimet mixed"]  # fmt: skip
     compiled = result.get("forward_compiled")
     compiled_line = compiled if isinstance(compiled, str) else f"{len(compiled)} CUDA rows in the JSON"
     return (
-        f"(b) forward on CPU, calibrated sim vs float ({result['notes']['forward']})\n"
+        f"(b) forward on CPU, calibrated sim vs float ({result['notes']['forward']}; '?' = under 3 reps)\n"
         + table(header, rows)
         + f"\n  CUDA / torch.compile: {compiled_line}"
     )

@@ -19,8 +19,13 @@ def secs(value: float | None) -> str:
     return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def verdict(ok: bool | None) -> str:
-    return "-" if ok is None else ("PASS" if ok else "FAIL")
+FEW_REPS = 3  # verdicts from fewer reps get a "?"
+
+
+def verdict(ok: bool | None, reps: int | None = None) -> str:
+    if ok is None:
+        return "-"
+    return ("PASS" if ok else "FAIL") + ("?" if reps is not None and reps < FEW_REPS else "")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -48,6 +53,7 @@ def targets(result: dict) -> list[dict]:
                     "target": f"sim forward {profile} {row['model']} b{row['batch']} CPU <= {FORWARD_RATIO_MAX}x float",
                     "value": ratio,
                     "pass": None if ratio is None else ratio <= FORWARD_RATIO_MAX,
+                    "reps": row.get("reps"),
                 }
             )
     build = _by(result.get("build"), "model").get(("resnet50",), {}).get("build_s")
@@ -88,14 +94,14 @@ def render(result: dict) -> str:
         f"{m['cpu_model']}, {m['cores_usable']} usable cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"torchvision {m['torchvision']}, CUDA: {m['cuda'] or 'none'}, load average at start {m['load_average_1_5_15']}"
         f"{', at end ' + str(result.get('load_average_end')) if result.get('load_average_end') else ''}\n"
-        f"settings: {result['settings_note']}"
+        f"settings: {result['settings_note']}; flush denormals on (see docs/performance.md)"
     )
     parts = [head, *render_sections(result)]
     lines = [
         [
             t["target"],
             t["value"] if not isinstance(t["value"], float) else f"{t['value']:.3g}",
-            verdict(t["pass"]),
+            verdict(t["pass"], t.get("reps")),
         ]
         for t in result["targets"]
     ]

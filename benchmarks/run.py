@@ -75,6 +75,7 @@ def settings_from(args: argparse.Namespace) -> dict:
 
 def notes(s: dict) -> dict:
     return {
+        "all": _models.FLUSH_DENORMAL_NOTE,
         "build": "QuantizationSimModel(model, dummy) with default args: tf_enhanced, int8/int8, default config; "
         "float fwd = the same batch-1 dummy input; " + _models.TRANSFORMER_NOTE,
         "forward": f"{s['forward_image']}x{s['forward_image']}, torch.no_grad, {s['threads']} threads; "
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     s = settings_from(args)
     torch.set_num_threads(s["threads"])
+    torch.set_flush_denormal(True)  # see _models.FLUSH_DENORMAL_NOTE
     budget_s = args.budget or (120 if args.quick else 240)
     sections = args.sections
     aimet_note = (
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "mixprec_version": backend.version,
         "git": git_revision(ROOT),
-        "settings": {**s, "quick": args.quick, "budget_s": budget_s},
+        "settings": {**s, "quick": args.quick, "budget_s": budget_s, "flush_denormal": True},
         "notes": notes(s),
     }
     mode = "quick" if args.quick else "default"

@@ -12,7 +12,7 @@ _COMMON = dict(
     deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 
-settings.register_profile("ci", max_examples=150, derandomize=True, **_COMMON)
+settings.register_profile("ci", max_examples=200, derandomize=True, **_COMMON)
 settings.register_profile("long", max_examples=1000, **_COMMON)
 
 

@@ -92,3 +92,23 @@ def test_transformers_decoder_is_captured_with_call_site_names(factory):
         assert "transformer.h.0.attn.c_attn" in names
         assert "lm_head" in names
     assert [io.path for io in graph.outputs] == ["output.logits"]
+
+
+def test_model_without_submodules_is_made_of_functional_layers():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w) + x
+
+    graph = _capture(Flat(), torch.randn(2, 4))
+    assert [layer.name for layer in graph.layers] == ["matmul", "relu", "add"]
+    assert list(graph.layer("matmul").params) == ["w"]
+
+
+def test_bare_linear_model_is_one_functional_layer_with_its_params():
+    graph = _capture(nn.Linear(4, 3), torch.randn(2, 4))
+    assert [(layer.name, layer.op_type) for layer in graph.layers] == [("linear", "Gemm")]
+    assert set(graph.layer("linear").params) == {"weight", "bias"}

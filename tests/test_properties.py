@@ -27,6 +27,7 @@ from mixprec.errors import (
     RequestError,
     UnsupportedKernelError,
 )
+from mixprec.precision import FP32
 
 from .strategies import CONFIGS, RequestSpec, expected_layers, model_specs, request_sequences, sim_config
 
@@ -322,6 +323,43 @@ def check_plan_matches_sim(sim: QuantizationSimModel, report: dict) -> None:
         assert row["inputs"] == [name(p) for p in effective_inputs(sim, layer.index, memo)], row
     for c in report["conflicts"]:
         assert c["winner_precision"] != c["loser_precision"], f"agreeing requests never conflict: {c}"
+    check_kernels_and_transitions(sim, report)
+
+
+def check_kernels_and_transitions(sim: QuantizationSimModel, report: dict) -> None:
+    """Rule 5 and the transition list (spec §5), recomputed from the sim as apply left it."""
+    memo: dict[int, Precision | None] = {}
+    findings, transitions = set(), set()
+    for layer in sim.graph.layers:
+        if layer.data_movement:
+            continue
+        inputs = effective_inputs(sim, layer.index, memo)
+        found = [p for p in inputs if p is not None]
+        computes = max(found) if found else None
+        for slot, p in enumerate(inputs):
+            if p is not None and computes is not None and p != computes:
+                transitions.add((layer.name, slot, p.name, computes.name))
+        kernels = sim.config.kernels_for(layer.op_type)
+        weight = (
+            sim.precision_at(Place(PlaceKind.PARAM, layer.index, "weight"))
+            if "weight" in layer.params
+            else None
+        )
+        if not kernels or (computes is None and weight is None):
+            continue
+        # an fp32 (unquantized) activation is not checked: only the weight is, as the implementation does
+        ok = any(
+            (computes is None or k.activation == computes)
+            and ("weight" not in layer.params or k.param is None or k.param == (weight or FP32))
+            for k in kernels
+        )
+        if not ok:
+            findings.add(layer.name)
+    assert {k["layer"] for k in report["kernel_findings"]} == findings
+    assert {
+        (t["consumer"], t["slot"], t["tensor"], t["computes"]) for t in report["transitions"]
+    } == transitions
+    assert report["transition_count"] == len(report["transitions"])
 
 
 def apply_and_check(

@@ -280,7 +280,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> CaptureResult:
             inputs.append(ModelIO(len(inputs), path, node, leaf.is_floating_point()))
     handles = []
     for module in model.modules():
-        if is_leaf(module):
+        # The root is never a leaf: a model without submodules is all functional calls.
+        if is_leaf(module) and module is not model:
             handles.append(module.register_forward_pre_hook(rec.leaf_pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(rec.leaf_post_hook, with_kwargs=True))
         else:
