@@ -17,7 +17,7 @@ import torch
 
 from ._backends import AimetBackend
 from ._sections import build_section, calibration_section, forward_section
-from ._timing import Budget, machine_info
+from ._timing import Budget, machine_info, speed_probe
 
 SHARES = {"build": 0.3, "forward": 0.4, "calibration": 0.3}
 
@@ -26,6 +26,7 @@ def main(settings: dict, out: Path) -> None:
     torch.set_num_threads(settings["threads"])
     torch.set_flush_denormal(True)  # as in run.py: see _models.FLUSH_DENORMAL_NOTE
     result: dict = {"machine": machine_info(), "settings": settings, "status": "running"}
+    result["speed_probe_ms"] = {"start": speed_probe()}
 
     def save() -> None:
         out.write_text(json.dumps(result, indent=1))
@@ -67,12 +68,14 @@ def main(settings: dict, out: Path) -> None:
             result[name] = runs[name](budget.section(name))
         except _Interrupted:
             result[name] = "interrupted: the worker reached its time limit in this section"
+            result["speed_probe_ms"]["end"] = speed_probe()
             save()
             return
         except Exception as exc:  # noqa: BLE001
             result[name] = f"error: {type(exc).__name__}: {exc}"
             traceback.print_exc()
         save()
+    result["speed_probe_ms"]["end"] = speed_probe()
     result["status"] = "done"
     save()
 

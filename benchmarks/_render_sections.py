@@ -28,6 +28,8 @@ def _aimet(result: dict) -> tuple[dict, str]:
             for k, v in aimet.items()
             if k in ("build", "forward", "calibration") and isinstance(v, str)
         ]
+        probe = aimet.get("speed_probe_ms") or {}
+        cut += [f"speed probe {', '.join(f'{k} {v:.1f} ms' for k, v in probe.items())}"] if probe else []
         extra = f"; {'; '.join(cut)}" if cut else ""
         return aimet, f"aimet-torch {aimet.get('version')} ran in {aimet.get('python')} ({status}{extra})"
     return {}, f"aimet-torch: {aimet.get('note') or status}"

@@ -106,6 +106,17 @@ def render(result: dict) -> str:
         for t in result["targets"]
     ]
     parts.append("Targets\n" + table(["target", "value", "verdict"], lines))
+    probes = result.get("speed_probe_ms") or {}
+    if probes:
+        lo, hi = min(probes.values()), max(probes.values())
+        steady = (
+            "steady" if hi <= 1.5 * lo else "NOT steady: compare figures from different sections with care"
+        )
+        parts.append(
+            "machine speed probe (ms, fixed matmul workload, before each section): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in probes.items())
+            + f"; max/min {hi / lo:.1f}x ({steady})"
+        )
     parts.append(
         f"total runtime {result['total_runtime_s']:.0f} s; this process got {100 * result['cpu_share']:.0f}% of "
         f"{m['torch_threads']} cores over the run (low = other processes competed: wall times are inflated)"

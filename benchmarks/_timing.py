@@ -38,6 +38,24 @@ def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> float
     return now() - start
 
 
+_PROBE = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+
+
+def speed_probe() -> float:
+    """Milliseconds of a fixed small workload (40 float32 256x256 matmuls, best of 3).
+
+    Taken before every section: when it varies across a run, the machine's speed changed under
+    the benchmark (other tenants, throttling) and wall *and* CPU times are not comparable.
+    """
+    best = float("inf")
+    for _ in range(3):
+        start = now()
+        for _ in range(40):
+            torch.mm(_PROBE, _PROBE)
+        best = min(best, now() - start)
+    return best * 1e3
+
+
 def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
     """``(wall seconds, process CPU seconds)`` of one call: CPU time (all threads) is much less
     inflated than wall time when other processes compete for the cores."""

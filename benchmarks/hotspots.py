@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from benchmarks import _models  # noqa: E402
 from benchmarks._backends import MixprecBackend, convs  # noqa: E402
-from benchmarks._timing import now, usable_cores  # noqa: E402
+from benchmarks._timing import now, speed_probe, usable_cores  # noqa: E402
 
 
 def _cprofile(title: str, fn, top: int) -> str:  # type: ignore[no-untyped-def]
@@ -57,6 +57,7 @@ def main() -> int:
     torch.set_num_threads(usable_cores())
     torch.set_flush_denormal(True)  # as in run.py: see _models.FLUSH_DENORMAL_NOTE
     backend = MixprecBackend()
+    probe_start = speed_probe()
     model, dummy = _models.build(args.model, args.image)
     sections = []
 
@@ -102,7 +103,10 @@ def main() -> int:
             args.top,
         )
     )
-    text = "\n\n".join(sections)
+    probe = (
+        f"machine speed probe: {probe_start:.1f} ms at start, {speed_probe():.1f} ms at end (steady if close)"
+    )
+    text = "\n\n".join([probe, *sections])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

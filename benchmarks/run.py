@@ -46,6 +46,7 @@ from benchmarks._timing import (  # noqa: E402
     load_average,
     machine_info,
     now,
+    speed_probe,
     split_deadline,
     usable_cores,
 )
@@ -174,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**s, "quick": args.quick, "budget_s": budget_s, "flush_denormal": True},
         "notes": notes(s),
     }
+    result["speed_probe_ms"] = {}
     mode = "quick" if args.quick else "default"
     result["settings_note"] = f"{mode}, budget {budget_s:.0f} s, sections {sections}"
 
     def step(key: str, label: str, fn) -> None:  # type: ignore[no-untyped-def]
         if key not in sections:
             return
+        result["speed_probe_ms"][key] = speed_probe()
         print(f"[{now() - started:5.0f}s] {label} ...", file=sys.stderr, flush=True)
         fn(budget.section(key))
 
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{now() - started:5.0f}s] (e) aimet-torch subprocess ...", file=sys.stderr, flush=True)
         aimet_s = args.aimet_budget or max(30.0, budget.section("e") - now())
         result["aimet"] = run_aimet(args.aimet_python, s, aimet_s)
+    result["speed_probe_ms"]["end"] = speed_probe()
     result["load_average_end"] = load_average()
     result["targets"] = targets(result)
     result["total_runtime_s"] = now() - started
