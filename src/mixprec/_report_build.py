@@ -46,6 +46,7 @@ def _why(sim: QuantizationSimModel, claim: Claim) -> str:
 def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *, applied: bool, strict: bool) -> MixedPrecisionReport:
     graph = sim.graph
     report = MixedPrecisionReport(applied=applied, strict=strict)
+    memo: dict[int, Precision | None] = {}  # compute precisions of the planned state, shared below
     for r in plan.requests:
         report.requests.append(
             {
@@ -87,7 +88,7 @@ def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *
                 "layer": layer.name,
                 "request": t.request,
                 "reason": t.reason.value,
-                "inputs": [_n(p) for p in effective_input_precisions(planned, layer)],
+                "inputs": [_n(p) for p in effective_input_precisions(planned, layer, memo)],
                 "outputs": [
                     _n(planned.precision_at(Place(PlaceKind.OUTPUT, index, s))) if tpl else None
                     for s, tpl in enumerate(planned.placement.outputs[index])
@@ -142,7 +143,7 @@ def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *
                 "supported": list(k.supported),
             }
         )
-    report.layers = _layer_map(sim, plan, planned)
+    report.layers = _layer_map(sim, plan, planned, memo)
     for t in plan.transitions:
         report.transitions.append(
             {
@@ -156,10 +157,11 @@ def build_report(sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *
     return report
 
 
-def _layer_map(sim: QuantizationSimModel, plan: Plan, planned: PlannedState) -> list[dict[str, Any]]:
+def _layer_map(
+    sim: QuantizationSimModel, plan: Plan, planned: PlannedState, memo: dict[int, Precision | None]
+) -> list[dict[str, Any]]:
     """Every compute layer with its final precision and its upstream compute layers (for graph views)."""
     graph = sim.graph
-    memo: dict[int, Precision | None] = {}
     requested = {lr.layer for lr in plan.winners.values()}
     rows = []
     for layer in graph.layers:
