@@ -457,3 +457,49 @@ def test_tied_weight_conflict_strict_raises():
     mp.set_precision(sim.model.head, activation=None, param={"weight": "int4"})
     with pytest.raises(PrecisionConflictError, match="embed.weight"):
         mp.apply(log_file=None, strict=True)
+
+
+# the seed's whole flow on torchvision models ----------------------------------------------------
+
+
+def test_seed_flow_on_mobilenet_v2():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    x = torch.randn(1, 3, 96, 96)
+    sim = QuantizationSimModel(model, dummy_input=x, default_param_bw=8, default_output_bw=8, config_file=None)
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(sim.model.features[1].conv[0][0], activation="int16", param={"weight": "int16"})  # leaf
+    mp.set_precision(sim.model.features[3].conv[1], activation="int16", param={"weight": "int16"})  # non-leaf
+    mp.set_precision(nn.AvgPool2d, activation="int16")  # type, none in this model
+    mp.set_model_input_precision(activation="int16")
+    mp.set_model_output_precision(activation="int16")
+    report = mp.apply(log_file=io.StringIO())
+    sim.compute_encodings(lambda m, _: m(x), None)
+    assert torch.isfinite(sim.model(x)).all()
+    table = {r["name"]: r for r in sim.precision_table()}
+    assert table["features.1.conv.0.0"]["effective_inputs"] == ["int16"]
+    assert table["features.1.conv.0.0"]["params"]["weight"] == "int16"
+    for name in ["features.3.conv.1.0", "features.3.conv.1.1", "features.3.conv.1.2"]:
+        assert table[name]["effective_inputs"] == ["int16"], name
+    assert table["features.3.conv.1.0"]["params"]["weight"] == "int16"
+    assert table["features.0.0"]["effective_inputs"] == ["int16"]  # model input
+    assert table["classifier.1"]["outputs"] == ["int16"]  # model output
+    assert [u["target"] for u in report.unmatched] == ["torch.nn.modules.pooling.AvgPool2d"]
+
+
+def test_type_wide_conv_request_on_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    sim = QuantizationSimModel(model, dummy_input=x)
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(nn.Conv2d, activation="int16", param={"weight": "int16"})
+    mp.apply(log_file=None)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    assert torch.isfinite(sim.model(x)).all()
+    convs = [r for r in sim.precision_table() if r["type"] == "Conv2d"]
+    assert len(convs) == 20
+    for r in convs:
+        assert r["effective_inputs"] == ["int16"] and r["params"]["weight"] == "int16", r["name"]
