@@ -110,7 +110,10 @@ def render(result: dict) -> str:
     if probes:
         lo, hi = min(probes.values()), max(probes.values())
         steady = (
-            "steady" if hi <= 1.5 * lo else "NOT steady: compare figures from different sections with care"
+            "steady"
+            if hi <= 1.5 * lo
+            else "NOT steady: other processes kept the cores busy and multi-threaded ops waited for their "
+            "threads; trust sections with a low probe, rerun on an idle machine or with --threads 1"
         )
         parts.append(
             "machine speed probe (ms, fixed matmul workload, before each section): "

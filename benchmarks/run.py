@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             apply={"note": note, **apply_section(s["apply_sizes"], reps=s["apply_reps"], deadline=end)}
         ),
     )
-    # (b) runs after (c) and (d): its batch-32 forwards at 224x224 fault in gigabytes of fresh
-    # memory per call, after which this VM ran everything several times slower for minutes.
+    # (b) runs last: its batch-32 cells are the longest and fault in gigabytes of fresh memory
+    # per call, so they go where running out of time costs the least.
     fwd = {"batches": s["forward_batches"], "image": s["forward_image"], "max_reps": s["forward_max_reps"]}
     cuda_parts = 2 if torch.cuda.is_available() else 1
     step("b", "(b) forward", lambda end: result.update(
