@@ -112,8 +112,8 @@ def render(result: dict) -> str:
         steady = (
             "steady"
             if hi <= 1.5 * lo
-            else "NOT steady: other processes kept the cores busy and multi-threaded ops waited for their "
-            "threads; trust sections with a low probe, rerun on an idle machine or with --threads 1"
+            else "NOT steady: multi-threaded ops waited for a busy or sleeping core; trust sections with a "
+            "low probe, rerun on an idle machine or with --threads 1"
         )
         parts.append(
             "machine speed probe (ms, fixed matmul workload, before each section): "

@@ -45,9 +45,9 @@ def speed_probe() -> float:
     """Milliseconds of a fixed small workload (40 float32 256x256 matmuls, best of 3).
 
     Taken before every section: when it varies across a run, the machine's speed changed under
-    the benchmark and wall *and* CPU times are not comparable. On a small machine with other
-    busy processes, every multi-threaded op can wait a scheduler time slice for its second
-    thread: this probe then reads ~600 ms instead of ~10 ms (2 threads, 2 cores).
+    the benchmark and wall *and* CPU times are not comparable. On a small (virtual) machine
+    whose second core is not available at once, every multi-threaded op can wait ~16 ms for
+    its second thread: this probe then reads ~600 ms instead of ~10 ms (2 threads, 2 cores).
     """
     best = float("inf")
     for _ in range(3):

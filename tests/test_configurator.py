@@ -12,6 +12,7 @@ from mixprec import MixedPrecisionConfigurator, QuantizationSimModel
 from mixprec.errors import PrecisionConflictError, RequestError, UnsupportedKernelError
 
 from .models import build
+from .snapshots import full_snapshot as snapshot
 
 
 def make(name, **kwargs):
@@ -22,20 +23,6 @@ def make(name, **kwargs):
 
 def row(sim, name):
     return next(r for r in sim.precision_table() if r["name"] == name)
-
-
-def snapshot(sim):
-    """Every quantizer of the sim: place, class, precision, encoding, settings."""
-    state = []
-    for place in sim.places():
-        q = sim.quantizer_at(place)
-        if q is None:
-            state.append((place, None))
-            continue
-        enc = q.get_encoding() if q.is_initialized and q.needs_encoding else None
-        enc_state = None if enc is None else (enc.scale.tolist(), enc.offset.tolist() if enc.offset is not None else None)
-        state.append((place, type(q).__name__, q.precision, q.symmetric, str(q.granularity), enc_state, id(q)))
-    return state, sim.model.training
 
 
 def calibrate(sim, example):
@@ -85,7 +72,11 @@ def test_type_request_covers_every_instance():
 
 @pytest.mark.parametrize(
     "target, expected",
-    [("block2.0", {"block2.0"}), ("block*.0", {"block1.0", "block2.0"}), (r"re:block\d\.(0|2)", {"block1.0", "block1.2", "block2.0", "block2.2"})],
+    [
+        ("block2.0", {"block2.0"}),
+        ("block*.0", {"block1.0", "block2.0"}),
+        (r"re:block\d\.(0|2)", {"block1.0", "block1.2", "block2.0", "block2.2"}),
+    ],
     ids=["exact-name", "glob", "regex"],
 )
 def test_string_targets(target, expected):
@@ -259,7 +250,9 @@ def test_model_output_behind_view_reaches_the_producer():
     assert row(sim, "fc")["outputs"] == ["int16"]
 
 
-@pytest.mark.parametrize("bad", [["int16"], [None, "int16", None], {"z": "int16"}], ids=["short", "long", "unknown-key"])
+@pytest.mark.parametrize(
+    "bad", [["int16"], [None, "int16", None], {"z": "int16"}], ids=["short", "long", "unknown-key"]
+)
 def test_model_io_shape_mismatch_raises_at_call_time(bad):
     sim, mp, _ = make("multi_io")
     with pytest.raises(RequestError, match="model input"):
@@ -367,7 +360,9 @@ def test_changed_quantizer_keeps_granularity_and_needs_calibration():
     q = sim.model.stem.param_quantizers["weight"]
     assert isinstance(q.granularity, mixprec.PerChannel) and q.symmetric
     assert not q.is_initialized
-    with pytest.raises(mixprec.EncodingNotComputedError, match=r"model input input\[0\]. \(int16\) has no encoding"):
+    with pytest.raises(
+        mixprec.EncodingNotComputedError, match=r"model input input\[0\]. \(int16\) has no encoding"
+    ):
         sim.model(example)
     calibrate(sim, example)
     sim.model(example)
@@ -379,15 +374,35 @@ def test_changed_quantizer_keeps_granularity_and_needs_calibration():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda sim, mp: mp.set_precision(sim.model.fc, activation="int17"), "unknown precision 'int17'.*accepted.*int16"),
+        (
+            lambda sim, mp: mp.set_precision(sim.model.fc, activation="int17"),
+            "unknown precision 'int17'.*accepted.*int16",
+        ),
         (lambda sim, mp: mp.set_precision(nn.Linear(2, 2), activation="int16"), "not part of sim.model"),
-        (lambda sim, mp: mp.set_precision(sim.model.fc, activation="int16", param={"wieght": "int8"}), "param 'wieght'.*available.*weight"),
+        (
+            lambda sim, mp: mp.set_precision(sim.model.fc, activation="int16", param={"wieght": "int8"}),
+            "param 'wieght'.*available.*weight",
+        ),
         (lambda sim, mp: mp.set_precision("blok1", activation="int16"), "matches no quantized layer.*block1"),
-        (lambda sim, mp: mp.set_precision("nothing.*", activation="int16"), r"glob\) matches no quantized layer"),
-        (lambda sim, mp: mp.set_precision(sim.model.fc, activation=["int16", "int8"]), "2 entries but layer 'fc' has 1 input"),
+        (
+            lambda sim, mp: mp.set_precision("nothing.*", activation="int16"),
+            r"glob\) matches no quantized layer",
+        ),
+        (
+            lambda sim, mp: mp.set_precision(sim.model.fc, activation=["int16", "int8"]),
+            "2 entries but layer 'fc' has 1 input",
+        ),
         (lambda sim, mp: mp.set_precision(42, activation="int16"), "is not accepted"),
     ],
-    ids=["bad-precision", "foreign-module", "param-typo", "name-typo", "glob-nothing", "list-length", "bad-target"],
+    ids=[
+        "bad-precision",
+        "foreign-module",
+        "param-typo",
+        "name-typo",
+        "glob-nothing",
+        "list-length",
+        "bad-target",
+    ],
 )
 def test_bad_requests_raise_at_call_time_and_record_nothing(call, match):
     sim, mp, _ = make("small_cnn")
@@ -467,7 +482,9 @@ def test_seed_flow_on_mobilenet_v2():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(weights=None).eval()
     x = torch.randn(1, 3, 96, 96)
-    sim = QuantizationSimModel(model, dummy_input=x, default_param_bw=8, default_output_bw=8, config_file=None)
+    sim = QuantizationSimModel(
+        model, dummy_input=x, default_param_bw=8, default_output_bw=8, config_file=None
+    )
     mp = MixedPrecisionConfigurator(sim)
     mp.set_precision(sim.model.features[1].conv[0][0], activation="int16", param={"weight": "int16"})  # leaf
     mp.set_precision(sim.model.features[3].conv[1], activation="int16", param={"weight": "int16"})  # non-leaf

@@ -29,6 +29,7 @@ from mixprec.errors import (
 )
 from mixprec.precision import FP32
 
+from .snapshots import full_snapshot
 from .strategies import CONFIGS, RequestSpec, expected_layers, model_specs, request_sequences, sim_config
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -40,33 +41,6 @@ def run(model: Any, inputs: tuple | dict) -> Any:
 
 def calibrate(sim: QuantizationSimModel, inputs: tuple) -> None:
     sim.compute_encodings(lambda m, _: run(m, inputs), None)
-
-
-def full_snapshot(sim: QuantizationSimModel) -> tuple:
-    """Every place's quantizer: identity, class, precision, settings and encoding tensors; and training."""
-    state = []
-    for place in sim.places():
-        q = sim.quantizer_at(place)
-        if q is None:
-            state.append((place, None))
-            continue
-        enc = None
-        if q.needs_encoding and q.is_initialized:
-            e = q.get_encoding()
-            enc = tuple(None if t is None else t.tolist() for t in (e.scale, e.offset, e.min, e.max))
-        state.append(
-            (
-                place,
-                id(q),
-                type(q).__name__,
-                q.precision,
-                q.symmetric,
-                str(q.granularity),
-                q.is_initialized,
-                enc,
-            )
-        )
-    return tuple(state), sim.model.training
 
 
 def precisions(sim: QuantizationSimModel) -> dict[Place, tuple[int | None, Precision | None]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 # Dunder/in-place spellings that mean the same function as their plain name.
@@ -245,5 +244,3 @@ _TORCH_INTERNAL = frozenset(
         "torch.utils._contextlib",
     }
 )
-
-TENSOR_TYPES = (torch.Tensor,)

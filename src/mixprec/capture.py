@@ -303,7 +303,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> CaptureResult:
         for handle in handles:
             handle.remove()
     outputs = []
-    out_flat, out_spec = pytree.tree_flatten_with_path(output)
+    out_flat, _ = pytree.tree_flatten_with_path(output)
     for keypath, leaf in out_flat:
         if isinstance(leaf, torch.Tensor) and id(leaf) in rec.tensor_of:
             outputs.append(
@@ -333,7 +333,6 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> CaptureResult:
     for key, func, index in rec.calls:
         if func in layer_functions and key is not None:
             sites.setdefault(key, []).append(index)
-    del out_spec
     output_index = {io.tensor: io.index for io in outputs}
 
     def in_index(t: torch.Tensor) -> int | None:

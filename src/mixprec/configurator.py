@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import _targets
+from ._report_build import build_report
 from ._requests import Request, RequestKind, TargetKind
 from ._resolve import Plan, PlannedState, resolve
-from ._report_build import build_report
 from .errors import PrecisionConflictError, RequestError, UnsupportedKernelError
+from .precision import Precision
 from .report import MixedPrecisionReport
 from .sim import QuantizationSimModel
 
@@ -193,5 +194,3 @@ def _caller_location(depth: int = 2) -> str:
     frame = sys._getframe(depth)
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
-
-from .precision import Precision  # noqa: E402  (kept last: only used inside methods)
