@@ -113,6 +113,7 @@ def test_fake_quant_matches_reference(gran_id: str, mode: str, bitwidth: int, po
 
 
 def test_reciprocal_differs_from_division_only_at_ties() -> None:
+    torch.manual_seed(0)  # fixed data: CI must not depend on which rare ties a random draw hits
     x = torch.randn(200_000) * 3
     scale, offset = qm.encoding_from_range(x.min(), x.max(), 8, False)
     got = qm.fake_quantize_int(x, scale, offset, 8).double()
