@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from mixprec import _quant_math as qm
-from mixprec._observers import QuantScheme, RangeObserver, num_bins_for_tensor
-from mixprec.granularity import PerChannel, PerTensor
-from mixprec.quantizers import IntQuantizer
+from mixprec.core.granularity import PerChannel, PerTensor
+from mixprec.quant import qmath as qm
+from mixprec.quant.observers import QuantScheme, RangeObserver, num_bins_for_tensor
+from mixprec.quant.quantizers import IntQuantizer
 
 RESULTS = Path(__file__).parent / "results" / "quantizer_kernels.json"
 

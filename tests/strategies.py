@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from mixprec._op_types import function_name
+from mixprec.capture.op_types import function_name
 
 PRECISIONS = ("int4", "int8", "int16", "fp16", "bf16", "fp32")
 HW = 4  # every value is (1, C, HW, HW); nn.Linear acts on the last dim
@@ -367,7 +367,7 @@ def sim_config(name: str) -> Any:
     """A preset name, or a dict variant of the default preset exercising other placements."""
     if name in ("default", "per_channel", "edge_strict"):
         return name
-    from mixprec.config import load_config
+    from mixprec.config.rules import load_config
 
     data = load_config("default").to_dict()
     op_type = dict(data.get("op_type", {}))

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec.capture import capture, split_dummy_input
+from mixprec.capture.graph import LayerKind
+from mixprec.capture.recorder import capture, split_dummy_input
 from mixprec.errors import CaptureError
-from mixprec.graph import LayerKind
 
 from .models import build, tiny_gpt2, tiny_llama
 

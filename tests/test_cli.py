@@ -66,7 +66,8 @@ def test_apply_runs_the_whole_flow(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec("mixprec.export") is None, reason="mixprec.export not in this tree"
+    importlib.util.find_spec("mixprec.export.exporter") is None,
+    reason="mixprec.export.exporter not in this tree",
 )
 def test_apply_exports_the_model(tmp_path):
     (tmp_path / "profile.yaml").write_text(PROFILE)

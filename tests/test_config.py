@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from mixprec.config import PRESET_NAMES, KernelSpec, OpRule, ParamRule, SimConfig, load_config
+from mixprec.config.rules import PRESET_NAMES, KernelSpec, OpRule, ParamRule, SimConfig, load_config
+from mixprec.core.precision import FP16, INT8, INT16
 from mixprec.errors import ConfigError
-from mixprec.precision import FP16, INT8, INT16
 
 FULL: dict[str, Any] = {
     "defaults": {

@@ -430,7 +430,7 @@ def test_report_text_has_three_phases_and_changes_to_a_stream():
     text = stream.getvalue()
     for title in ["before preprocessing", "after preprocessing", "after propagation", "Quantizers changed"]:
         assert title in text
-    assert set(report.to_dict()) == set(mixprec.report.REPORT_KEYS)
+    assert set(report.to_dict()) == set(mixprec.report.model.REPORT_KEYS)
 
 
 def test_report_counts_transitions():

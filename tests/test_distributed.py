@@ -98,8 +98,8 @@ def _same(a: Encodings, b: Encodings) -> bool:
 def _observer_protocol(rank: int) -> dict[str, Any]:
     """The combine on raw observers: per-channel histograms, and a quantizer only rank 0 feeds."""
     from mixprec import PerChannel
-    from mixprec import _distributed as D
-    from mixprec._observers import RangeObserver
+    from mixprec.quant.observers import RangeObserver
+    from mixprec.sim import distributed as D
 
     gen = torch.Generator().manual_seed(2)
     data = [torch.randn(4, 5, 7, generator=gen) * (i + 1) - i for i in range(4)]

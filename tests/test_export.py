@@ -4,6 +4,7 @@ uses the float model's tensor names, and export never leaves partial or incomple
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,9 +17,9 @@ import pytest
 import torch
 import torchvision
 
-import mixprec
-from mixprec import ExportError, MixedPrecisionConfigurator, QuantizationSimModel, _onnx_trace
-from mixprec.export import ExportResult
+from mixprec import ExportError, MixedPrecisionConfigurator, QuantizationSimModel
+from mixprec.export import trace as _onnx_trace
+from mixprec.export.exporter import ExportResult
 
 from .models import build, tiny_llama
 
@@ -292,7 +293,7 @@ def test_export_to_unwritable_path_raises_and_writes_nothing(tmp_path: Path) -> 
 @pytest.mark.usefixtures("torchscript_only")
 def test_failure_while_writing_leaves_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sim, args = _calibrated("small_cnn")
-    real_replace, calls = mixprec.export.os.replace, []
+    real_replace, calls = os.replace, []
 
     def replace_then_fail(src: str, dst: Path) -> None:
         calls.append(dst)
@@ -300,7 +301,7 @@ def test_failure_while_writing_leaves_no_files(tmp_path: Path, monkeypatch: pyte
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr(mixprec.export.os, "replace", replace_then_fail)
+    monkeypatch.setattr(os, "replace", replace_then_fail)
     with (
         pytest.warns(UserWarning, match="legacy TorchScript"),
         pytest.raises(ExportError, match="No space left"),

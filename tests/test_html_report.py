@@ -16,7 +16,7 @@ import pytest
 
 from mixprec import MixedPrecisionConfigurator, MixedPrecisionReport, QuantizationSimModel
 from mixprec.demo import build, seed_requests
-from mixprec.html_report import MAX_VISIBLE, precision_color, render_html, write_html
+from mixprec.report.html import MAX_VISIBLE, precision_color, render_html, write_html
 
 DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img" / "report.png"
 

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixprec import _quant_math as qm
-from mixprec._observers import QuantScheme, RangeObserver
+from mixprec.core.granularity import PerChannel, PerTensor
 from mixprec.errors import CalibrationError
-from mixprec.granularity import PerChannel, PerTensor
+from mixprec.quant import qmath as qm
+from mixprec.quant.observers import QuantScheme, RangeObserver
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:

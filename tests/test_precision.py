@@ -1,7 +1,7 @@
 import pytest
 
 from mixprec import Precision
-from mixprec.precision import ACCEPTED_NAMES, FP8_E4M3, FP16, FP32, INT8, INT16
+from mixprec.core.precision import ACCEPTED_NAMES, FP8_E4M3, FP16, FP32, INT8, INT16
 
 
 @pytest.mark.parametrize(

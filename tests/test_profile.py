@@ -11,7 +11,7 @@ import mixprec
 from mixprec import MixedPrecisionConfigurator, ProfileError, QuantizationSimModel, load_profile
 from mixprec.demo import build as build_demo
 from mixprec.demo import seed_requests
-from mixprec.profile import ModelInput, ModelOutput, Profile, SetPrecision
+from mixprec.mixed.profile import ModelInput, ModelOutput, Profile, SetPrecision
 
 from .models import build
 

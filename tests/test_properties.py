@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mixprec import MixedPrecisionConfigurator, Precision, QuantizationSimModel
-from mixprec._placement import Place, PlaceKind
+from mixprec.core.precision import FP32
 from mixprec.errors import (
     CalibrationError,
     MixprecError,
@@ -27,7 +27,7 @@ from mixprec.errors import (
     RequestError,
     UnsupportedKernelError,
 )
-from mixprec.precision import FP32
+from mixprec.sim.placement import Place, PlaceKind
 
 from .snapshots import full_snapshot
 from .strategies import CONFIGS, RequestSpec, expected_layers, model_specs, request_sequences, sim_config
@@ -70,7 +70,7 @@ def by_design_fused(sim: QuantizationSimModel, layer: int, slot: int) -> bool:
 def effective_inputs(
     sim: QuantizationSimModel, layer_index: int, memo: dict[int, Precision | None]
 ) -> list[Precision | None]:
-    """Spec §2, 'producer quantizer of an input', written independently of mixprec._effective."""
+    """Spec §2, 'producer quantizer of an input', written independently of mixprec.sim.effective."""
     graph = sim.graph
     layer = graph.layers[layer_index]
     result: list[Precision | None] = []

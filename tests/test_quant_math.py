@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mixprec import _quant_math as qm
-from mixprec.granularity import PerBlock, PerChannel, PerTensor
-from mixprec.precision import BF16, FP8_E4M3, FP8_E5M2, FP16
+from mixprec.core.granularity import PerBlock, PerChannel, PerTensor
+from mixprec.core.precision import BF16, FP8_E4M3, FP8_E5M2, FP16
+from mixprec.quant import qmath as qm
 
 # ---------------------------------------------------------------------------- references
 
@@ -407,7 +407,9 @@ def test_percentile_ignores_top_outliers() -> None:
         qm.percentile_range(counts, lo, w, 30.0)
 
 
-@pytest.mark.parametrize("lo", [0.0, -128.0, -255.0, -37.0], ids=["unsigned", "signed", "all-negative", "asymmetric"])
+@pytest.mark.parametrize(
+    "lo", [0.0, -128.0, -255.0, -37.0], ids=["unsigned", "signed", "all-negative", "asymmetric"]
+)
 def test_uint8_kernel_path_is_bit_identical_to_composed_math(lo):
     torch.manual_seed(0)
     qp = qm.QParams(1 / 0.0137, 0.0137, lo, lo + 255)

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from mixprec import _quant_math as qm
+from mixprec.core.granularity import PerBlock, PerChannel, PerTensor
+from mixprec.core.precision import BF16, FP8_E4M3, FP8_E5M2, FP16, INT8
 from mixprec.errors import CalibrationError, EncodingNotComputedError
-from mixprec.granularity import PerBlock, PerChannel, PerTensor
-from mixprec.precision import BF16, FP8_E4M3, FP8_E5M2, FP16, INT8
-from mixprec.quantizers import Encoding, FloatQuantizer, IntQuantizer, QuantizerBase, make_quantizer
+from mixprec.quant import qmath as qm
+from mixprec.quant.quantizers import Encoding, FloatQuantizer, IntQuantizer, QuantizerBase, make_quantizer
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:

@@ -4,11 +4,11 @@ No model preparation: functional calls (``x + y``, ``torch.matmul``, ``F.softmax
 layers of the captured graph and are quantized as they are.
 """
 
-from ._observers import QuantScheme
-from .batches import forward_batches
-from .config import KernelSpec, SimConfig, load_config
-from .configurator import MixedPrecisionConfigurator
-from .errors import (
+from mixprec.config.rules import KernelSpec, SimConfig, load_config
+from mixprec.core.granularity import PerBlock, PerChannel, PerTensor
+from mixprec.core.param_spec import ParamSpec
+from mixprec.core.precision import Precision
+from mixprec.errors import (
     CalibrationError,
     CaptureError,
     ConfigError,
@@ -20,13 +20,13 @@ from .errors import (
     RequestError,
     UnsupportedKernelError,
 )
-from .granularity import PerBlock, PerChannel, PerTensor
-from .param_spec import ParamSpec
-from .precision import Precision
-from .profile import Profile, load_profile
-from .quantizers import FloatQuantizer, IntQuantizer, QuantizerBase
-from .report import MixedPrecisionReport
-from .sim import QuantizationDataType, QuantizationSimModel
+from mixprec.mixed.configurator import MixedPrecisionConfigurator
+from mixprec.mixed.profile import Profile, load_profile
+from mixprec.quant.observers import QuantScheme
+from mixprec.quant.quantizers import FloatQuantizer, IntQuantizer, QuantizerBase
+from mixprec.quantsim import QuantizationDataType, QuantizationSimModel
+from mixprec.report.model import MixedPrecisionReport
+from mixprec.sim.batches import forward_batches
 
 __all__ = [
     # the sim and its settings

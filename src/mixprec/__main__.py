@@ -1,3 +1,3 @@
-from .cli import main
+from mixprec.cli import main
 
 main()

@@ -26,14 +26,14 @@ from rich.table import Table
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ._placement import PlaceKind
-from .capture import split_dummy_input
-from .configurator import MixedPrecisionConfigurator
-from .errors import MixprecError
-from .html_report import write_html
-from .profile import Profile, load_profile
-from .report import MixedPrecisionReport
-from .sim import QuantizationSimModel
+from mixprec.capture.recorder import split_dummy_input
+from mixprec.errors import MixprecError
+from mixprec.mixed.configurator import MixedPrecisionConfigurator
+from mixprec.mixed.profile import Profile, load_profile
+from mixprec.quantsim import QuantizationSimModel
+from mixprec.report.html import write_html
+from mixprec.report.model import MixedPrecisionReport
+from mixprec.sim.placement import PlaceKind
 
 app = typer.Typer(
     name="mixprec",
@@ -176,7 +176,7 @@ def demo(
     ] = 4,
 ) -> None:
     """The main job on a built-in model: the seed's five kinds of requests, apply, calibrate, report."""
-    from . import demo as demo_model
+    from mixprec import demo as demo_model
 
     loaded = load_model("demo")
     sim = _sim(loaded, None)
@@ -266,7 +266,7 @@ def apply(
             files += sorted(p for p in out.iterdir() if p.name.startswith(name))
         except ImportError as exc:
             err_console.print(
-                f"export skipped: {exc} (needs mixprec.export and 'pip install mixprec[export]'; or pass --no-export)",
+                f"export skipped: {exc} (needs mixprec.export.exporter and 'pip install mixprec[export]'; or pass --no-export)",
                 markup=False,
                 soft_wrap=True,
             )

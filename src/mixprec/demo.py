@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from .configurator import MixedPrecisionConfigurator
+    from mixprec.mixed.configurator import MixedPrecisionConfigurator
 
 INPUT_SHAPE = (1, 3, 32, 32)
 

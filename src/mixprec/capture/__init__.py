@@ -1,0 +1,1 @@
+"""Graph capture: the recorded graph, op types, and call-site identity."""

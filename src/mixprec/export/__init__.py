@@ -1,0 +1,1 @@
+"""ONNX export: marker tracing, QDQ insertion, the encodings file and the coverage check."""

@@ -1,0 +1,210 @@
+"""Export ``sim.model`` to ONNX with a marker node at every quantizer.
+
+While exporting, each quantizer's forward is replaced (on the instance, restored after) by a
+call to the custom op ``mixprec::export_marker(x, index)``: an identity that the ONNX
+exporters write as ``ai.mixprec.export.exporter::Marker`` with the quantizer's index as an attribute.
+The sim's own forward does the rest: it calls every quantizer exactly where the simulation
+quantizes, including model inputs and functional layers, so markers sit where the sim's
+quantizers act. Later passes turn markers into nothing (float model) or Q/DQ pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from mixprec.quant.quantizers import QuantizerBase
+from mixprec.sim import runtime as _runtime
+
+MARKER_DOMAIN = "ai.mixprec.export.exporter"
+MARKER_OP = "Marker"
+_ABSENT = object()
+TORCHSCRIPT_MAX_OPSET = 17  # well supported by the legacy exporter; the result is converted up
+
+
+@torch.library.custom_op("mixprec::export_marker", mutates_args=())
+def export_marker(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Identity that the ONNX exporters write as a ``Marker`` node carrying ``index``."""
+    return x.clone()
+
+
+@export_marker.register_fake
+def _export_marker_fake(x: torch.Tensor, index: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _register_onnx_schema() -> None:
+    # onnxscript builds nodes from registered schemas, so the marker op needs one
+    if onnx.defs.has(MARKER_OP, MARKER_DOMAIN):
+        return
+    schema = onnx.defs.OpSchema(
+        MARKER_OP,
+        MARKER_DOMAIN,
+        1,
+        inputs=[onnx.defs.OpSchema.FormalParameter("x", "T")],
+        outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"], "float types")
+        ],
+        attributes=[
+            onnx.defs.OpSchema.Attribute("index", onnx.defs.OpSchema.AttrType.INT, "quantizer index")
+        ],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def _marker_translation() -> Callable[..., Any]:
+    import onnxscript
+
+    opset = onnxscript.values.Opset(MARKER_DOMAIN, 1)
+
+    def marker(x: Any, index: int) -> Any:
+        return opset.Marker(x, index=index)
+
+    return marker
+
+
+def _torchscript_symbolic() -> None:
+    from torch.onnx import symbolic_helper
+
+    @symbolic_helper.parse_args("v", "i")
+    def marker(g: Any, x: Any, index: int) -> Any:
+        return g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, index_i=index).setType(x.type())
+
+    torch.onnx.register_custom_op_symbolic("mixprec::export_marker", marker, 1)
+
+
+def marked_forward(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward a quantizer gets during export: non-float tensors pass, as in the sim."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return export_marker(x, index) if x.is_floating_point() else x
+
+    return forward
+
+
+@contextlib.contextmanager
+def marking(quantizers: Sequence[QuantizerBase], runtime: Any = None) -> Iterator[None]:
+    """Make ``quantizers[i]`` emit ``Marker(index=i)`` instead of quantizing, until exit.
+
+    ``runtime`` (the sim's ``SimRuntime``) stops checking that every captured functional layer
+    ran: under torch.export, libraries take other paths where they test for tracing (transformers
+    builds attention masks differently), and export checks on its own that every quantizer
+    reached the graph.
+    """
+    patched: list[tuple[QuantizerBase, Any]] = []
+    required = getattr(runtime, "required", None)
+    # The runtime reuses quantized parameters across forwards (keyed by data pointers): a trace
+    # must call every parameter quantizer, and fake tensors have no data pointer.
+    cached = getattr(_runtime, "quantized_param", None)
+    try:
+        if cached is not None:
+            _runtime.quantized_param = _uncached_param
+        if required is not None:
+            runtime.required = {}
+        for i, q in enumerate(quantizers):
+            patched.append((q, q.__dict__.get("forward", _ABSENT)))
+            q.forward = marked_forward(i)  # instance attribute shadows the class's forward
+        yield
+    finally:
+        for q, previous in patched:
+            if previous is _ABSENT:
+                q.__dict__.pop("forward", None)
+            else:
+                q.forward = previous
+        if cached is not None:
+            _runtime.quantized_param = cached
+        if required is not None:
+            runtime.required = required
+
+
+def _uncached_param(q: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    return q(param)
+
+
+@dataclass
+class TracedModel:
+    """An ONNX model with markers, and how it was made."""
+
+    model: onnx.ModelProto
+    exporter: str  # "dynamo" or "torchscript"
+    notes: list[str]
+
+
+def export_with_markers(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    quantizers: Sequence[QuantizerBase],
+    opset: int,
+    runtime: Any = None,
+) -> TracedModel:
+    """Export ``model`` (the sim's) with markers: the torch.export-based exporter first, then the
+    legacy TorchScript exporter if that fails (with a note saying why)."""
+    _register_onnx_schema()
+    with marking(quantizers, runtime), torch.no_grad():
+        try:
+            return TracedModel(_export_dynamo(model, args, kwargs, opset), "dynamo", [])
+        except Exception as exc:  # any exporter failure: try the other exporter before giving up
+            reason = _reason(exc)
+        try:
+            traced = _export_torchscript(model, args, kwargs, min(opset, TORCHSCRIPT_MAX_OPSET))
+        except Exception as exc:
+            raise RuntimeError(
+                f"both ONNX exporters failed; torch.export-based: {reason}; TorchScript: {type(exc).__name__}: {exc}"
+            ) from exc
+    note = f"the torch.export-based ONNX exporter failed ({reason}); used the legacy TorchScript exporter"
+    return TracedModel(traced, "torchscript", [note])
+
+
+def _reason(exc: Exception) -> str:
+    """One line on why the exporter failed: the root cause from its report, without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    causes = [line for line in text.splitlines() if line.startswith("<class '")]
+    if causes:  # the exporter's summary lists "<class 'X'>: message" lines, root cause first
+        return re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>", r"\1", causes[0])
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def _export_dynamo(model: nn.Module, args: tuple, kwargs: dict, opset: int) -> onnx.ModelProto:
+    table = {torch.ops.mixprec.export_marker.default: _marker_translation()}
+    # the exporter prints progress lines on stdout; an export call of a library should not
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            args,
+            kwargs=kwargs or None,
+            dynamo=True,
+            opset_version=opset,
+            custom_translation_table=table,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, args: tuple, kwargs: dict, opset: int) -> onnx.ModelProto:
+    _torchscript_symbolic()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            buffer,
+            kwargs=kwargs or None,
+            dynamo=False,
+            opset_version=opset,
+            custom_opsets={MARKER_DOMAIN: 1},
+        )
+    return onnx.load_from_string(buffer.getvalue())

@@ -1,0 +1,1 @@
+"""Manual mixed precision for users: the configurator and profiles."""

@@ -1,0 +1,1 @@
+"""Mixed-precision planning: request records, target expansion and resolution into a plan."""

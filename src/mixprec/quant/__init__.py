@@ -1,0 +1,1 @@
+"""Quantization math, calibration observers and the quantizer modules."""

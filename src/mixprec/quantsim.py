@@ -1,0 +1,403 @@
+"""QuantizationSimModel: a quantized copy of a float model that keeps its module hierarchy."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec.capture.graph import Graph, Layer
+from mixprec.capture.recorder import capture, split_dummy_input
+from mixprec.config.rules import SimConfig, load_config
+from mixprec.core.granularity import Granularity
+from mixprec.core.precision import NumberKind, Precision
+from mixprec.quant.observers import QuantScheme
+from mixprec.quant.quantizers import QuantizerBase, make_quantizer
+from mixprec.sim.placement import Place, PlaceKind, Placement, SlotTemplate, place_quantizers
+from mixprec.sim.runtime import (
+    FunctionalSite,
+    LayerQuantizers,
+    SimRuntime,
+    original_class,
+    param_key,
+    quantized_class,
+)
+
+
+class QuantizationDataType(enum.Enum):
+    """The reference's ``default_data_type``: integer or float quantization."""
+
+    int = "int"
+    float = "float"
+
+    @staticmethod
+    def parse(value: Any) -> QuantizationDataType:
+        if isinstance(value, QuantizationDataType):
+            return value
+        if value is int or value is float:
+            return QuantizationDataType(value.__name__)
+        if isinstance(value, str) and value.lower() in ("int", "float"):
+            return QuantizationDataType(value.lower())
+        raise ValueError(
+            f"default_data_type must be QuantizationDataType.int/.float, int, float, 'int' or 'float'; got {value!r}"
+        )
+
+
+class QuantizationSimModel:
+    """Simulates quantization of ``model``: quantizers at every layer output, input and param
+    the config asks for, including functional calls (``x + y``, ``torch.matmul``), with no
+    model preparation.
+
+    Args:
+        model: the float model. It is deep-copied unless ``in_place=True``.
+        dummy_input: one tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        quant_scheme: ``"tf"`` (min-max), ``"tf_enhanced"`` (noise-minimizing range search) or
+            ``"percentile"``.
+        default_output_bw: bitwidth of activation quantizers.
+        default_param_bw: bitwidth of parameter quantizers.
+        default_data_type: ``QuantizationDataType.int`` or ``.float`` (16 -> fp16, 8 -> fp8).
+        config_file: a quantsim-config JSON path, a bundled preset name, a dict, or None (default preset).
+        in_place: quantize ``model`` itself instead of a copy.
+
+    Example:
+        >>> sim = QuantizationSimModel(model, dummy_input=torch.randn(1, 3, 224, 224))
+        >>> sim.compute_encodings(lambda m, _: m(x), None)
+        >>> y = sim.model(x)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dummy_input: Any,
+        quant_scheme: str | QuantScheme = "tf_enhanced",
+        default_output_bw: int = 8,
+        default_param_bw: int = 8,
+        default_data_type: Any = QuantizationDataType.int,
+        config_file: Any = None,
+        in_place: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        kind = NumberKind(QuantizationDataType.parse(default_data_type).value)
+        self.activation_precision = _default_precision("default_output_bw", default_output_bw, kind)
+        self.param_precision = _default_precision("default_param_bw", default_param_bw, kind)
+        self.quant_scheme = QuantScheme.parse(quant_scheme)
+        self.config: SimConfig = load_config(config_file)
+        args, kwargs = split_dummy_input(dummy_input)
+        self._float_names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        if not in_place:
+            for name, module in model.named_modules():
+                self._float_names.setdefault(module, name)
+        self.model = model if in_place else copy.deepcopy(model)
+        result = capture(self.model, args, kwargs)
+        self.graph: Graph = result.graph
+        self.input_skeleton = result.input_skeleton
+        self.output_skeleton = result.output_skeleton
+        self.leaf_module_names = frozenset(result.leaf_modules)
+        self._modules = dict(self.model.named_modules())
+        self._module_names = {id(m): n for n, m in self._modules.items()}
+        self.placement: Placement = place_quantizers(
+            self.graph, self.config, self._modules, self.activation_precision, self.param_precision
+        )
+        self._param_layers: dict[int, list[int]] = {}
+        for layer in self.graph.layers:
+            for ref in layer.params.values():
+                self._param_layers.setdefault(ref.key, []).append(layer.index)
+        self._install(result)
+
+    # building ---------------------------------------------------------------------------
+    def _install(self, result: Any) -> None:
+        graph, placement = self.graph, self.placement
+        runtime = SimRuntime()
+        self._runtime = runtime
+        self._layer_quantizers: list[LayerQuantizers] = []
+        functional = nn.ModuleDict()
+        sites: dict[int, FunctionalSite] = {}
+        param_quantizers: dict[int, QuantizerBase | None] = {}
+        for key, template in placement.params.items():
+            layer = graph.layers[self._param_layers[key][0]]
+            ref = next(r for r in layer.params.values() if r.key == key)
+            param_quantizers[key] = self._build(template, template.initial, ref.qualified_name)
+        for layer in graph.layers:
+            lq = LayerQuantizers(len(layer.inputs), len(layer.outputs), [param_key(n) for n in layer.params])
+            for slot, template in enumerate(placement.inputs[layer.index]):
+                if template is not None:
+                    lq.input_quantizers[slot] = self._build(
+                        template, template.initial, f"{layer.name} input {slot}"
+                    )
+            for slot, template in enumerate(placement.outputs[layer.index]):
+                if template is not None:
+                    lq.output_quantizers[slot] = self._build(
+                        template, template.initial, f"{layer.name} output {slot}"
+                    )
+            for name, ref in layer.params.items():
+                lq.param_quantizers[param_key(name)] = param_quantizers[ref.key]
+            self._layer_quantizers.append(lq)
+            if layer.is_module:
+                self._attach_to_module(layer, lq)
+            else:
+                functional[layer.name.replace(".", ":")] = lq
+                has_places = (
+                    bool(layer.params)
+                    or any(placement.inputs[layer.index])
+                    or any(placement.outputs[layer.index])
+                )
+                sites[layer.index] = FunctionalSite(layer.name, layer.op, lq, list(layer.params), has_places)
+        runtime.sites = {
+            key: [None if i is None else sites[i] for i in indices]
+            for key, indices in result.sites_by_location.items()
+        }
+        runtime.layer_functions = result.layer_functions
+        runtime.finalize()
+        runtime.input_quantizers = nn.ModuleList(
+            [
+                None if t is None else self._build(t, t.initial, f"model input {io.path}")
+                for t, io in zip(placement.model_inputs, graph.inputs, strict=True)
+            ]
+        )
+        root = self.model
+        for module in result.leaf_modules.values():
+            module._mixprec_runtime = runtime
+            if module is not root:
+                module.__class__ = quantized_class(type(module), leaf=True, root=False)
+        root._mixprec_runtime = runtime
+        root.mixprec_functional = functional
+        root.mixprec_input_quantizers = runtime.input_quantizers
+        root_is_leaf = any(m is root for m in result.leaf_modules.values())
+        root.__class__ = quantized_class(type(root), leaf=root_is_leaf, root=True)
+
+    def _attach_to_module(self, layer: Layer, lq: LayerQuantizers) -> None:
+        module = self._modules[layer.module_name]
+        if not hasattr(module, "mixprec_sites"):
+            module.mixprec_sites = nn.ModuleList()
+            module._mixprec_param_slots = [
+                (self.model.get_submodule(ref.owner), ref.attr, param_key(name))
+                for name, ref in layer.params.items()
+            ]
+        module.mixprec_sites.append(lq)
+
+    def _build(self, template: SlotTemplate, precision: Precision | None, label: str) -> QuantizerBase | None:
+        if precision is None or precision.is_full:
+            return None
+        s = template.settings
+        q = make_quantizer(
+            precision,
+            symmetric=s.symmetric,
+            granularity=s.granularity,
+            unsigned_symmetric=s.unsigned_symmetric,
+            strict_symmetric=s.strict_symmetric,
+            label=label,
+        )
+        device = _model_device(self.model)
+        return q if device is None else q.to(device)
+
+    # names ------------------------------------------------------------------------------
+    def module_name(self, module: nn.Module) -> str | None:
+        """Qualified name of ``module`` in ``sim.model`` (None if it is not part of it)."""
+        name = self._module_names.get(id(module))
+        return name if name is not None and self._modules[name] is module else None
+
+    def float_module_name(self, module: nn.Module) -> str | None:
+        """Qualified name of ``module`` in the float model the sim was built from."""
+        return self._float_names.get(module)
+
+    def named_module(self, name: str) -> nn.Module | None:
+        return self._modules.get(name)
+
+    def param_layers(self, key: int) -> list[int]:
+        """Indices of the layers reading the parameter with ParamRef.key ``key``."""
+        return self._param_layers[key]
+
+    # places -----------------------------------------------------------------------------
+    def places(self) -> Iterator[Place]:
+        """Every place of the graph where a quantizer exists or may be created."""
+        for i in range(len(self.graph.inputs)):
+            if self.placement.model_inputs[i] is not None:
+                yield Place(PlaceKind.MODEL_INPUT, None, i)
+        for layer in self.graph.layers:
+            for slot, t in enumerate(self.placement.inputs[layer.index]):
+                if t is not None:
+                    yield Place(PlaceKind.INPUT, layer.index, slot)
+            for slot, t in enumerate(self.placement.outputs[layer.index]):
+                if t is not None:
+                    yield Place(PlaceKind.OUTPUT, layer.index, slot)
+            for name in layer.params:
+                yield Place(PlaceKind.PARAM, layer.index, name)
+
+    def quantizer_at(self, place: Place) -> QuantizerBase | None:
+        """The quantizer at ``place`` (None where there is none)."""
+        # Reads the containers' dicts directly: resolution asks this tens of thousands of
+        # times on large models, and ModuleList indexing costs several times more.
+        if place.kind is PlaceKind.MODEL_INPUT:
+            return self._runtime.input_quantizers._modules[str(place.slot)]
+        lq = self._layer_quantizers[place.layer]
+        if place.kind is PlaceKind.INPUT:
+            return lq.input_quantizers._modules[str(place.slot)]
+        if place.kind is PlaceKind.OUTPUT:
+            return lq.output_quantizers._modules[str(place.slot)]
+        return lq.param_quantizers._modules[param_key(str(place.slot))]
+
+    def precision_at(self, place: Place) -> Precision | None:
+        q = self.quantizer_at(place)
+        return None if q is None else q.precision
+
+    def template_at(self, place: Place) -> SlotTemplate:
+        if place.kind is PlaceKind.MODEL_INPUT:
+            return self.placement.model_inputs[int(place.slot)]
+        if place.kind is PlaceKind.INPUT:
+            return self.placement.inputs[place.layer][int(place.slot)]
+        if place.kind is PlaceKind.OUTPUT:
+            return self.placement.outputs[place.layer][int(place.slot)]
+        return self.placement.params[self.graph.layers[place.layer].params[str(place.slot)].key]
+
+    def granularity_at(self, place: Place) -> Granularity | None:
+        q = self.quantizer_at(place)
+        return None if q is None else q.granularity
+
+    def set_precision_at(
+        self, place: Place, precision: Precision | None, granularity: Granularity | None = None
+    ) -> None:
+        """Put a fresh quantizer of ``precision`` at ``place`` (None or fp32 removes it).
+
+        The place keeps its symmetry and granularity; the new quantizer needs calibration.
+        A parameter's quantizer is replaced for every layer that reads that parameter.
+        """
+        label = self.describe(place)
+        template = self.template_at(place)
+        current = self.quantizer_at(place)
+        if granularity is None and current is not None:
+            granularity = current.granularity  # a precision change keeps the place's granularity
+        if granularity is not None:
+            template = SlotTemplate(
+                dataclasses.replace(template.settings, granularity=granularity), template.initial
+            )
+        new = self._build(template, precision, label)
+        if place.kind is PlaceKind.MODEL_INPUT:
+            self._runtime.input_quantizers[int(place.slot)] = new
+            return
+        lq = self._layer_quantizers[place.layer]
+        if place.kind is PlaceKind.INPUT:
+            lq.input_quantizers[int(place.slot)] = new
+        elif place.kind is PlaceKind.OUTPUT:
+            lq.output_quantizers[int(place.slot)] = new
+        else:
+            ref = self.graph.layers[place.layer].params[str(place.slot)]
+            for index in self._param_layers[ref.key]:
+                other = self.graph.layers[index]
+                for name, r in other.params.items():
+                    if r.key == ref.key:
+                        self._layer_quantizers[index].param_quantizers[param_key(name)] = new
+
+    def describe(self, place: Place) -> str:
+        if place.kind is PlaceKind.PARAM:
+            return self.graph.layers[place.layer].params[str(place.slot)].qualified_name
+        return place.describe(self.graph)
+
+    def quantizers(self) -> Iterator[tuple[Place, QuantizerBase]]:
+        """Each quantizer once (a shared parameter's quantizer at its first place)."""
+        seen: set[int] = set()
+        for place in self.places():
+            q = self.quantizer_at(place)
+            if q is not None and id(q) not in seen:
+                seen.add(id(q))
+                yield place, q
+
+    def param_tensor(self, place: Place) -> torch.Tensor:
+        ref = self.graph.layers[place.layer].params[str(place.slot)]
+        return self.model.get_submodule(ref.owner)._parameters[ref.attr]
+
+    # calibration ------------------------------------------------------------------------
+    def compute_encodings(
+        self, forward_pass_callback: Callable[[nn.Module, Any], Any], forward_pass_callback_args: Any = None
+    ) -> None:
+        """Run ``forward_pass_callback(sim.model, forward_pass_callback_args)`` and set every encoding.
+
+        While the callback runs, every quantizer passes values through unchanged and records
+        statistics of the float values it sees (one pass calibrates all quantizers, and a
+        quantizer's range does not depend on upstream ranges still being computed). Parameter
+        encodings come from the parameters themselves. If anything fails (no data reached a
+        quantizer, NaN/inf), every encoding is left as it was before the call.
+        """
+        from mixprec.sim.calibration import calibrate
+
+        calibrate(self, forward_pass_callback, forward_pass_callback_args)
+
+    # export -----------------------------------------------------------------------------
+    def export(
+        self, path: str, filename_prefix: str, dummy_input: Any = None, onnx_opset: int | None = None
+    ) -> Any:
+        """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``."""
+        from mixprec.export.exporter import export_sim
+
+        return export_sim(self, path, filename_prefix, dummy_input, onnx_opset)
+
+    def load_encodings(self, path: str) -> None:
+        """Load an ``.encodings`` file written by :meth:`export` into this sim's quantizers."""
+        from mixprec.export.exporter import load_encodings
+
+        load_encodings(self, path)
+
+    # introspection ----------------------------------------------------------------------
+    def precision_table(self) -> list[dict[str, Any]]:
+        """One row per quantized layer, in graph order (see docs/rules.md for the columns)."""
+        from mixprec.sim.effective import effective_input_precisions
+
+        rows = []
+        for layer in self.graph.layers:
+            if layer.data_movement:
+                continue
+            ins = self.placement.inputs[layer.index]
+            outs = self.placement.outputs[layer.index]
+            if not layer.params and all(t is None for t in ins) and all(t is None for t in outs):
+                continue
+            rows.append(
+                {
+                    "name": layer.name,
+                    "type": layer.type_name,
+                    "params": {
+                        n: _name(self.precision_at(Place(PlaceKind.PARAM, layer.index, n)))
+                        for n in layer.params
+                    },
+                    "inputs": [
+                        _name(self.precision_at(Place(PlaceKind.INPUT, layer.index, s))) if t else None
+                        for s, t in enumerate(ins)
+                    ],
+                    "outputs": [
+                        _name(self.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
+                        for s, t in enumerate(outs)
+                    ],
+                    "effective_inputs": [_name(p) for p in effective_input_precisions(self, layer)],
+                }
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        n = sum(1 for _ in self.quantizers())
+        name = original_class(self.model).__name__
+        return f"QuantizationSimModel({name}, layers={len(self.graph.layers)}, quantizers={n})"
+
+
+def _name(precision: Precision | None) -> str | None:
+    return None if precision is None else precision.name
+
+
+def _default_precision(arg: str, bitwidth: Any, kind: NumberKind) -> Precision:
+    try:
+        return Precision.from_bitwidth(bitwidth, kind)
+    except ValueError as exc:
+        accepted = "2..16 (or 32)" if kind is NumberKind.INT else "8, 16 or 32"
+        raise ValueError(
+            f"{arg}={bitwidth!r} is not a valid {kind.value} bitwidth; accepted: {accepted}"
+        ) from exc
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device if p.device.type != "cpu" else None
+    return None

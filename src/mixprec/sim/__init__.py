@@ -1,0 +1,1 @@
+"""The sim's engine: quantizer placement, the quantized forward, calibration (local and distributed)."""
