@@ -35,7 +35,6 @@ FULL: dict[str, Any] = {
             "is_symmetric": "True",
             "params": {"bias": {"is_quantized": "True"}, "weight": {"is_symmetric": "False"}},
             "supported_kernels": [{"activation": {"bitwidth": 8, "dtype": "int"}}],
-            "encoding_constraints": {"min": -1.0, "max": 1},
         },
         "Squeeze": {"is_output_quantized": "False"},
     },
@@ -103,7 +102,7 @@ def test_empty_config_takes_reference_defaults() -> None:
     assert not c.is_activation_symmetric("X") and not c.is_per_channel("X")
     assert c.is_param_quantized("X", "bias") and c.is_param_symmetric("X", "weight")
     assert c.model_input_quantized and c.model_output_quantized is None
-    assert c.supergroups == () and c.kernels_for("X") is None and c.encoding_constraints_for("X") is None
+    assert c.supergroups == () and c.kernels_for("X") is None
 
 
 BOOLEANS = [(True, True), (False, False), ("True", True), ("False", False), ("true", True), ("FALSE", False)]
@@ -136,8 +135,6 @@ def test_other_boolean_spellings_are_errors(written: Any) -> None:
         ("Gemm", "is_per_channel", False),
         ("Conv", "kernels_for", (KernelSpec(INT8),)),
         ("Gemm", "kernels_for", (KernelSpec(INT16, INT8), KernelSpec(FP16, FP16))),
-        ("Conv", "encoding_constraints_for", (-1.0, 1.0)),
-        ("Gemm", "encoding_constraints_for", None),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -174,7 +171,6 @@ def test_round_trip_through_json_keeps_every_setting(full: SimConfig) -> None:
     again = SimConfig.from_dict(json.loads(json.dumps(data)), source="again")
     assert again == full and again.to_dict() == data
     assert data["defaults"]["per_channel_quantization"] == "False"  # the reference's spelling
-    assert data["op_type"]["Conv"]["encoding_constraints"] == {"min": -1.0, "max": 1.0}
     assert data["model_output"] == {"is_output_quantized": "True"}
     assert "is_input_quantized" not in data["defaults"]["ops"]  # the reference rejects it there
 
@@ -234,8 +230,7 @@ ERRORS = [
     ("supergroup_unknown_key", {"supergroups": [{"ops": ["Conv", "Relu"]}]}, r"supergroups\[0\]\.ops: unknown key"),
     ("supergroup_missing_op_list", {"supergroups": [{}]}, r"supergroups\[0\]: missing key \"op_list\""),
     ("supergroups_not_list", {"supergroups": {"op_list": ["Conv", "Relu"]}}, r"supergroups: expected an array"),
-    ("constraints_missing_max", {"op_type": {"Conv": {"encoding_constraints": {"min": 0}}}}, r"op_type\.Conv\.encoding_constraints: expected both \"min\" and \"max\""),
-    ("constraints_reversed", {"op_type": {"Conv": {"encoding_constraints": {"min": 1, "max": 0}}}}, r"op_type\.Conv\.encoding_constraints: min must be below max"),
+    ("encoding_constraints_unsupported", {"op_type": {"Softmax": {"encoding_constraints": {"min": 0, "max": 1}}}}, r"op_type\.Softmax\.encoding_constraints: not supported: mixprec does not apply fixed output ranges; remove the key"),
     ("hw_version_not_str", {"defaults": {"hw_version": 73}}, r"defaults\.hw_version: expected a string"),
     ("model_output_unknown", {"model_output": {"is_input_quantized": "True"}}, r"model_output\.is_input_quantized: unknown key"),
     ("top_level_not_object", ["defaults"], r"\(top level\): the top level must be a JSON object"),

@@ -27,6 +27,8 @@ from mixprec.quant.quantizers import FloatQuantizer, IntQuantizer, QuantizerBase
 from mixprec.quantsim import QuantizationDataType, QuantizationSimModel
 from mixprec.report.model import MixedPrecisionReport
 from mixprec.sim.batches import forward_batches
+from mixprec.sim.placement import Place, PlaceKind
+from mixprec.sim.state import PrecisionState, PrecisionView
 
 __all__ = [
     # the sim and its settings
@@ -37,6 +39,11 @@ __all__ = [
     "KernelSpec",
     "load_config",
     "forward_batches",
+    # quantizer places and the sim's state, as its collaborators see it
+    "Place",
+    "PlaceKind",
+    "PrecisionState",
+    "PrecisionView",
     # precisions and quantizers
     "Precision",
     "PerTensor",

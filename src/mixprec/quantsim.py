@@ -1,4 +1,9 @@
-"""QuantizationSimModel: a quantized copy of a float model that keeps its module hierarchy."""
+"""QuantizationSimModel: a quantized copy of a float model that keeps its module hierarchy.
+
+The sim is the composition root of the engine: it captures the graph, places and builds the
+quantizers, installs the runtime, and hands itself (as a :class:`~mixprec.sim.state.PrecisionState`)
+to calibration, export and the mixed-precision planner, none of which import this module.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,20 @@ from mixprec.capture.graph import Graph, Layer
 from mixprec.capture.recorder import capture, split_dummy_input
 from mixprec.config.rules import SimConfig, load_config
 from mixprec.core.granularity import Granularity
-from mixprec.core.precision import NumberKind, Precision
+from mixprec.core.precision import NumberKind, Precision, name_of
 from mixprec.quant.observers import QuantScheme
 from mixprec.quant.quantizers import QuantizerBase, make_quantizer
-from mixprec.sim.placement import Place, PlaceKind, Placement, SlotTemplate, place_quantizers
+from mixprec.sim.calibration import calibrate
+from mixprec.sim.effective import effective_input_precisions
+from mixprec.sim.placement import (
+    Place,
+    PlaceKind,
+    Placement,
+    SlotTemplate,
+    has_places,
+    is_quantizable,
+    place_quantizers,
+)
 from mixprec.sim.runtime import (
     FunctionalSite,
     LayerQuantizers,
@@ -143,12 +158,9 @@ class QuantizationSimModel:
                 self._attach_to_module(layer, lq)
             else:
                 functional[layer.name.replace(".", ":")] = lq
-                has_places = (
-                    bool(layer.params)
-                    or any(placement.inputs[layer.index])
-                    or any(placement.outputs[layer.index])
+                sites[layer.index] = FunctionalSite(
+                    layer.name, layer.op, lq, list(layer.params), has_places(placement, layer)
                 )
-                sites[layer.index] = FunctionalSite(layer.name, layer.op, lq, list(layer.params), has_places)
         runtime.sites = {
             key: [None if i is None else sites[i] for i in indices]
             for key, indices in result.sites_by_location.items()
@@ -196,6 +208,11 @@ class QuantizationSimModel:
         )
         device = _model_device(self.model)
         return q if device is None else q.to(device)
+
+    @property
+    def runtime(self) -> SimRuntime:
+        """The runtime the quantized modules call into (shared by every layer of this sim)."""
+        return self._runtime
 
     # names ------------------------------------------------------------------------------
     def module_name(self, module: nn.Module) -> str | None:
@@ -324,8 +341,6 @@ class QuantizationSimModel:
         encodings come from the parameters themselves. If anything fails (no data reached a
         quantizer, NaN/inf), every encoding is left as it was before the call.
         """
-        from mixprec.sim.calibration import calibrate
-
         calibrate(self, forward_pass_callback, forward_pass_callback_args)
 
     # export -----------------------------------------------------------------------------
@@ -333,6 +348,7 @@ class QuantizationSimModel:
         self, path: str, filename_prefix: str, dummy_input: Any = None, onnx_opset: int | None = None
     ) -> Any:
         """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``."""
+        # Imported on use: export needs the optional onnx packages (mixprec[export]).
         from mixprec.export.exporter import export_sim
 
         return export_sim(self, path, filename_prefix, dummy_input, onnx_opset)
@@ -346,33 +362,29 @@ class QuantizationSimModel:
     # introspection ----------------------------------------------------------------------
     def precision_table(self) -> list[dict[str, Any]]:
         """One row per quantized layer, in graph order (see docs/rules.md for the columns)."""
-        from mixprec.sim.effective import effective_input_precisions
-
         rows = []
         for layer in self.graph.layers:
-            if layer.data_movement:
+            if not is_quantizable(self.placement, layer):
                 continue
             ins = self.placement.inputs[layer.index]
             outs = self.placement.outputs[layer.index]
-            if not layer.params and all(t is None for t in ins) and all(t is None for t in outs):
-                continue
             rows.append(
                 {
                     "name": layer.name,
                     "type": layer.type_name,
                     "params": {
-                        n: _name(self.precision_at(Place(PlaceKind.PARAM, layer.index, n)))
+                        n: name_of(self.precision_at(Place(PlaceKind.PARAM, layer.index, n)))
                         for n in layer.params
                     },
                     "inputs": [
-                        _name(self.precision_at(Place(PlaceKind.INPUT, layer.index, s))) if t else None
+                        name_of(self.precision_at(Place(PlaceKind.INPUT, layer.index, s))) if t else None
                         for s, t in enumerate(ins)
                     ],
                     "outputs": [
-                        _name(self.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
+                        name_of(self.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
                         for s, t in enumerate(outs)
                     ],
-                    "effective_inputs": [_name(p) for p in effective_input_precisions(self, layer)],
+                    "effective_inputs": [name_of(p) for p in effective_input_precisions(self, layer)],
                 }
             )
         return rows
@@ -381,10 +393,6 @@ class QuantizationSimModel:
         n = sum(1 for _ in self.quantizers())
         name = original_class(self.model).__name__
         return f"QuantizationSimModel({name}, layers={len(self.graph.layers)}, quantizers={n})"
-
-
-def _name(precision: Precision | None) -> str | None:
-    return None if precision is None else precision.name
 
 
 def _default_precision(arg: str, bitwidth: Any, kind: NumberKind) -> Precision:

@@ -1,4 +1,7 @@
-"""Parsing of the sim config's JSON into :mod:`mixprec.config.rules` types, with key-path errors.
+"""Parsing of the sim config's JSON into :mod:`mixprec.config.op_rules` types, with key-path errors.
+
+:class:`~mixprec.config.rules.SimConfig` is built from :func:`parse_config_fields` by its
+``from_dict``; this module does not know the class, so the config package imports one way.
 
 Every error names the config's source, the key path (``op_type.Conv.per_channel_quantization``),
 the bad value and what is accepted.
@@ -8,19 +11,17 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mixprec.config.rules import (
+from mixprec.config.op_rules import (
     ACCEPTED_BITWIDTHS,
     OP_BOOL_KEYS,
     FrozenMap,
     KernelSpec,
     OpRule,
     ParamRule,
-    SimConfig,
     describe,
 )
 from mixprec.core.precision import Precision
@@ -102,13 +103,6 @@ def boolean(data: Mapping[str, Any], key: str, at: At) -> bool | None:
     raise at.key(key).error(f"expected a boolean, got {describe(value)}; accepted: {BOOL_ACCEPTED}")
 
 
-def number(value: Any, at: At) -> float:
-    """Read a finite JSON number (booleans are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise at.error(f"expected a finite number, got {describe(value)}")
-    return float(value)
-
-
 def parse_json(text: str, source: str) -> Any:
     """Parse JSON text; errors name the source, line and column, and duplicate keys are errors."""
 
@@ -184,22 +178,19 @@ def parse_param_rules(data: Any, at: At) -> FrozenMap[str, ParamRule]:
 
 def parse_op_rule(data: Any, at: At) -> OpRule:
     """Read one ``op_type`` entry."""
-    data = obj(data, at, (*OP_BOOL_KEYS, "params", "supported_kernels", "encoding_constraints"))
-    constraints = None
-    if "encoding_constraints" in data:
-        where = at.key("encoding_constraints")
-        bounds = obj(data["encoding_constraints"], where, ("min", "max"))
-        if set(bounds) != {"min", "max"}:
-            raise where.error(f'expected both "min" and "max", got keys {sorted(bounds)}')
-        constraints = (number(bounds["min"], where.key("min")), number(bounds["max"], where.key("max")))
-        if not constraints[0] < constraints[1]:
-            raise where.error(f"min must be below max, got min={constraints[0]}, max={constraints[1]}")
+    if isinstance(data, Mapping) and "encoding_constraints" in data:
+        # The reference format has this key; mixprec does not apply fixed output ranges, and
+        # silently calibrating instead would give the user other encodings than they asked for.
+        raise at.key("encoding_constraints").error(
+            "not supported: mixprec does not apply fixed output ranges; remove the key (the output "
+            "range is then calibrated by compute_encodings like any other)"
+        )
+    data = obj(data, at, (*OP_BOOL_KEYS, "params", "supported_kernels"))
     kernels = data.get("supported_kernels")
     return OpRule(
         **{k: boolean(data, k, at) for k in OP_BOOL_KEYS},
         params=parse_param_rules(data.get("params", {}), at.key("params")),
         supported_kernels=None if kernels is None else parse_kernels(kernels, at.key("supported_kernels")),
-        encoding_constraints=constraints,
     )
 
 
@@ -223,8 +214,9 @@ def parse_supergroups(data: Any, at: At) -> tuple[tuple[str, ...], ...]:
     return tuple(groups)
 
 
-def parse_config(data: Any, source: str) -> SimConfig:
-    """Read a whole config; absent keys take :class:`SimConfig`'s defaults (the reference's)."""
+def parse_config_fields(data: Any, source: str) -> dict[str, Any]:
+    """Read a whole config into ``SimConfig`` fields; absent keys are left out, so they take
+    ``SimConfig``'s defaults (the reference's)."""
     at = At(source)
     if not isinstance(data, Mapping):
         raise at.error(f"the top level must be a JSON object {{...}}, got {describe(data)}")
@@ -255,8 +247,7 @@ def parse_config(data: Any, source: str) -> SimConfig:
     }
     op_at = at.key("op_type")
     op_types = named_objs(top.get("op_type", {}), op_at, "op type names")
-    return SimConfig(
-        source=source,
+    return dict(
         params=parse_param_rules(top.get("params", {}), at.key("params")),
         op_types=FrozenMap((name, parse_op_rule(rule, op_at.key(name))) for name, rule in op_types.items()),
         supergroups=parse_supergroups(top.get("supergroups", []), at.key("supergroups")),

@@ -15,68 +15,30 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Union
 
-from mixprec.core.precision import INT_PRECISIONS, Precision
+from mixprec.config.op_rules import (
+    FrozenMap,
+    KernelSpec,
+    OpRule,
+    ParamRule,
+    bool_text,
+    check_bool_fields,
+    describe,
+)
+from mixprec.config.parse import parse_config_fields, parse_json
 from mixprec.errors import ConfigError
 
 __all__ = ["PRESET_NAMES", "ConfigSource", "KernelSpec", "OpRule", "ParamRule", "SimConfig", "load_config"]
 
 PRESET_NAMES: tuple[str, ...] = ("default", "per_channel", "edge_strict")
 
-ACCEPTED_BITWIDTHS = {
-    "int": ", ".join(map(str, INT_PRECISIONS)),
-    "float": "8 (fp8_e4m3), 16 (fp16), 32 (fp32)",
-}
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class FrozenMap(Mapping[K, V]):
-    """A read-only, hashable mapping that keeps insertion order (for ``to_dict``)."""
-
-    __slots__ = ("_data", "_hash")
-
-    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
-        self._data: dict[K, V] = dict(items)
-        self._hash: int | None = None
-
-    def __getitem__(self, key: K) -> V:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[K]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __hash__(self) -> int:
-        # Order-free, like the inherited Mapping equality it must agree with.
-        if self._hash is None:
-            self._hash = hash(frozenset(self._data.items()))
-        return self._hash
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._data!r})"
-
-
-def describe(value: Any) -> str:
-    """A short rendering of a bad value for error messages: its repr (cut) and JSON type."""
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return f"{text} ({kinds.get(type(value), type(value).__name__)})"
-
-
-def _fmt_bool(value: bool) -> str:
-    # The reference's spelling, so that our to_dict output also loads in the reference.
-    return "True" if value else "False"
+_NO_RULE = OpRule()
+_NO_PARAM_RULE = ParamRule()
 
 
 def _param_candidates(name: str) -> tuple[str, ...]:
@@ -90,122 +52,8 @@ def _param_candidates(name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _check_bool_fields(rule: object) -> None:
-    # Dataclasses do not check types; a stray "True" string here would read as truthy forever.
-    for f in fields(rule):  # type: ignore[arg-type]
-        value = getattr(rule, f.name)
-        if f.type in ("bool", "bool | None") and not (
-            isinstance(value, bool) or (value is None and f.type != "bool")
-        ):
-            raise ConfigError(f"{type(rule).__name__}.{f.name} must be {f.type}, got {describe(value)}")
-
-
 def _first(*values: bool | None) -> bool:
     return next(v for v in values if v is not None)
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One kernel a backend offers: the activation precision and, for weighted ops, the param one.
-
-    Strings are parsed: ``KernelSpec("int16", "int8")``.
-    """
-
-    activation: Precision
-    param: Precision | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("activation", "param") if self.param is not None else ("activation",):
-            try:
-                precision = Precision.parse(getattr(self, name))
-            except ValueError as e:
-                raise ConfigError(f"KernelSpec.{name}: {e}") from None
-            if _bitwidth_dtype(precision) is None:
-                raise ConfigError(
-                    f"KernelSpec.{name}: {precision} has no (bitwidth, dtype) form in the config format; "
-                    "accepted: int2..int16, int32, fp8_e4m3, fp16, fp32"
-                )
-            object.__setattr__(self, name, precision)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The entry as in ``supported_kernels``: ``{"activation": {"bitwidth": 16, "dtype": "int"}, ...}``."""
-        out = {"activation": _bitwidth_dtype(self.activation)}
-        if self.param is not None:
-            out["param"] = _bitwidth_dtype(self.param)
-        return out
-
-
-def _bitwidth_dtype(precision: Precision) -> dict[str, Any] | None:
-    dtype = "int" if precision.is_int else "float"
-    try:
-        exact = Precision.from_bitwidth(precision.bits, dtype) == precision
-    except ValueError:
-        exact = False
-    return {"bitwidth": precision.bits, "dtype": dtype} if exact else None
-
-
-@dataclass(frozen=True)
-class ParamRule:
-    """Settings of params with one name; ``None`` defers to the less specific level."""
-
-    is_quantized: bool | None = None
-    is_symmetric: bool | None = None
-
-    def __post_init__(self) -> None:
-        _check_bool_fields(self)
-
-    def to_dict(self) -> dict[str, str]:
-        """Only the keys that are set, written as the reference's ``"True"``/``"False"``."""
-        set_ = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        return {k: _fmt_bool(v) for k, v in set_.items()}
-
-
-OP_BOOL_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric", "per_channel_quantization")
-
-
-@dataclass(frozen=True)
-class OpRule:
-    """Settings of one op type (``op_type.Conv``); ``None`` defers to ``defaults``.
-
-    ``params`` is keyed by param name; ``supported_kernels`` replaces the default list;
-    ``encoding_constraints`` is a fixed ``(min, max)`` range for the op's output.
-    """
-
-    is_input_quantized: bool | None = None
-    is_output_quantized: bool | None = None
-    is_symmetric: bool | None = None
-    per_channel_quantization: bool | None = None
-    params: Mapping[str, ParamRule] = FrozenMap()
-    supported_kernels: tuple[KernelSpec, ...] | None = None
-    encoding_constraints: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        _check_bool_fields(self)
-        object.__setattr__(self, "params", FrozenMap(self.params))
-        if self.supported_kernels is not None:
-            object.__setattr__(self, "supported_kernels", tuple(self.supported_kernels))
-        if self.encoding_constraints is not None:
-            low, high = (float(v) for v in self.encoding_constraints)
-            if not low < high:
-                raise ConfigError(f"OpRule.encoding_constraints: min must be below max, got ({low}, {high})")
-            object.__setattr__(self, "encoding_constraints", (low, high))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Only the keys that are set, in the reference's format."""
-        out: dict[str, Any] = {
-            k: _fmt_bool(getattr(self, k)) for k in OP_BOOL_KEYS if getattr(self, k) is not None
-        }
-        if self.params:
-            out["params"] = {name: rule.to_dict() for name, rule in self.params.items()}
-        if self.supported_kernels is not None:
-            out["supported_kernels"] = [k.to_dict() for k in self.supported_kernels]
-        if self.encoding_constraints is not None:
-            out["encoding_constraints"] = dict(zip(("min", "max"), self.encoding_constraints, strict=True))
-        return out
-
-
-_NO_RULE = OpRule()
-_NO_PARAM_RULE = ParamRule()
 
 
 @dataclass(frozen=True)
@@ -236,7 +84,7 @@ class SimConfig:
     model_output_quantized: bool | None = None
 
     def __post_init__(self) -> None:
-        _check_bool_fields(self)
+        check_bool_fields(self)
         object.__setattr__(self, "params", FrozenMap(self.params))
         object.__setattr__(self, "op_types", FrozenMap(self.op_types))
         object.__setattr__(self, "supergroups", tuple(tuple(g) for g in self.supergroups))
@@ -272,10 +120,6 @@ class SimConfig:
         own = self._rule(op_type).supported_kernels
         return self.default_kernels if own is None else own
 
-    def encoding_constraints_for(self, op_type: str) -> tuple[float, float] | None:
-        """The fixed output range ``(min, max)`` of this op type, if the config sets one."""
-        return self._rule(op_type).encoding_constraints
-
     def is_param_quantized(self, op_type: str, param_name: str) -> bool:
         """Whether a param gets a quantizer. See :meth:`_param_setting` for the lookup order."""
         return self._param_setting(op_type, param_name, "is_quantized", self.default_param_quantized)
@@ -300,17 +144,17 @@ class SimConfig:
 
         ``SimConfig.from_dict(c.to_dict()) == c``; defaults are written out explicitly.
         """
-        ops = {"is_output_quantized": _fmt_bool(self.default_output_quantized)}
+        ops = {"is_output_quantized": bool_text(self.default_output_quantized)}
         if self.default_input_quantized:
             # Written only when set: the reference rejects the key in defaults.
             ops["is_input_quantized"] = "True"
-        ops["is_symmetric"] = _fmt_bool(self.default_activation_symmetric)
+        ops["is_symmetric"] = bool_text(self.default_activation_symmetric)
         defaults: dict[str, Any] = {
             "ops": ops,
             "params": ParamRule(self.default_param_quantized, self.default_param_symmetric).to_dict(),
-            "strict_symmetric": _fmt_bool(self.strict_symmetric),
-            "unsigned_symmetric": _fmt_bool(self.unsigned_symmetric),
-            "per_channel_quantization": _fmt_bool(self.default_per_channel),
+            "strict_symmetric": bool_text(self.strict_symmetric),
+            "unsigned_symmetric": bool_text(self.unsigned_symmetric),
+            "per_channel_quantization": bool_text(self.default_per_channel),
         }
         if self.hw_version is not None:
             defaults["hw_version"] = self.hw_version
@@ -321,11 +165,11 @@ class SimConfig:
             "params": {name: rule.to_dict() for name, rule in self.params.items()},
             "op_type": {name: rule.to_dict() for name, rule in self.op_types.items()},
             "supergroups": [{"op_list": list(group)} for group in self.supergroups],
-            "model_input": {"is_input_quantized": _fmt_bool(self.model_input_quantized)},
+            "model_input": {"is_input_quantized": bool_text(self.model_input_quantized)},
             "model_output": (
                 {}
                 if self.model_output_quantized is None
-                else {"is_output_quantized": _fmt_bool(self.model_output_quantized)}
+                else {"is_output_quantized": bool_text(self.model_output_quantized)}
             ),
         }
 
@@ -341,17 +185,12 @@ class SimConfig:
             ConfigError: for an unknown key or a bad value; the message names ``source``, the key
                 path (``op_type.Conv.per_channel_quantization``), the value and what is accepted.
         """
-        # Imported here: the parser builds this module's types, so it imports this module.
-        from mixprec.config.parse import parse_config
-
-        return parse_config(data, source)
+        return cls(source=source, **parse_config_fields(data, source))
 
     @classmethod
     def from_json(cls, text: str, source: str = "<string>") -> SimConfig:
         """Parse and validate JSON text; invalid JSON is a ConfigError naming line and column."""
-        from mixprec.config.parse import parse_config, parse_json
-
-        return parse_config(parse_json(text, source), source)
+        return cls.from_dict(parse_json(text, source), source)
 
 
 @functools.cache

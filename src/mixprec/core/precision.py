@@ -147,3 +147,8 @@ _BY_NAME.update(
 def parse_optional(value: PrecisionLike | None) -> Precision | None:
     """Parse a precision where ``None`` means "leave alone"."""
     return None if value is None else Precision.parse(value)
+
+
+def name_of(precision: Precision | None) -> str | None:
+    """The precision's name, or None for no precision (tables and reports write None as null)."""
+    return None if precision is None else precision.name

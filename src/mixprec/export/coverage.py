@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import onnx
 
@@ -23,9 +23,7 @@ from mixprec.export.onnx_graph import MarkerSite, iter_nodes, marker_index, tens
 from mixprec.export.qdq import Form, QdqSpec, form_of
 from mixprec.quant.quantizers import QuantizerBase
 from mixprec.sim.placement import Place, PlaceKind
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.state import PrecisionState
 
 _FORM_OPS = {
     "qdq": {"QuantizeLinear", "DequantizeLinear"},
@@ -36,9 +34,7 @@ _FORM_OPS = {
 Entries = list[tuple[Place, QuantizerBase]]
 
 
-def keys_by_quantizer(
-    sim: QuantizationSimModel, entries: Entries, sites: list[MarkerSite]
-) -> list[list[str]]:
+def keys_by_quantizer(sim: PrecisionState, entries: Entries, sites: list[MarkerSite]) -> list[list[str]]:
     """The float-model tensor names of each quantizer (usually one).
 
     Raises:
@@ -54,7 +50,7 @@ def keys_by_quantizer(
     return keys
 
 
-def gap_error(sim: QuantizationSimModel, entries: Entries, gaps: list[tuple[int, str]]) -> ExportError:
+def gap_error(sim: PrecisionState, entries: Entries, gaps: list[tuple[int, str]]) -> ExportError:
     """The error listing ``gaps`` (quantizer index, what is wrong), one line per quantizer."""
     lines = []
     for i, why in gaps:
@@ -69,7 +65,7 @@ def gap_error(sim: QuantizationSimModel, entries: Entries, gaps: list[tuple[int,
 
 
 def check_coverage(
-    sim: QuantizationSimModel,
+    sim: PrecisionState,
     entries: Entries,
     keys: list[list[str]],
     specs: list[QdqSpec],

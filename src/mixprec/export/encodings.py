@@ -8,25 +8,20 @@ same float32: loading a file reproduces the encodings bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from mixprec.config.op_rules import bool_text
 from mixprec.core.granularity import Granularity, PerBlock, PerChannel, PerTensor
 from mixprec.core.precision import Precision
 from mixprec.quant.quantizers import Encoding, QuantizerBase, make_quantizer
 from mixprec.sim.placement import Place, PlaceKind
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.state import PrecisionState
 
 FORMAT_VERSION = "0.6.1"
 MIXPREC_SECTION_VERSION = 1
 SECTIONS = {True: "param_encodings", False: "activation_encodings"}
-
-
-def _flag(value: bool) -> str:
-    return "True" if value else "False"  # the format spells booleans as strings
 
 
 def encoding_entries(q: QuantizerBase) -> list[dict[str, Any]]:
@@ -57,7 +52,7 @@ def encoding_entries(q: QuantizerBase) -> list[dict[str, Any]]:
         {
             "bitwidth": p.bits,
             "dtype": "int",
-            "is_symmetric": _flag(enc.symmetric),
+            "is_symmetric": bool_text(enc.symmetric),
             "min": mn,
             "max": mx,
             "offset": int(off),
@@ -75,7 +70,7 @@ def granularity_to_json(g: Granularity) -> dict[str, Any]:
     return {"kind": "per_tensor"}
 
 
-def _place_json(sim: QuantizationSimModel, place: Place) -> dict[str, Any]:
+def _place_json(sim: PrecisionState, place: Place) -> dict[str, Any]:
     layer = None if place.layer is None else sim.graph.layers[place.layer].name
     return {"kind": place.kind.value, "layer": layer, "slot": place.slot, "label": sim.describe(place)}
 
@@ -89,7 +84,7 @@ class Row:
     keys: tuple[str, ...]  # the first is the one loading reads; a quantizer may act on several
 
 
-def build_encodings(sim: QuantizationSimModel, rows: list[Row]) -> dict[str, Any]:
+def build_encodings(sim: PrecisionState, rows: list[Row]) -> dict[str, Any]:
     """The JSON document of the sim's encodings (``rows`` come from the export's coverage map)."""
     sections: dict[str, dict[str, Any]] = {"activation_encodings": {}, "param_encodings": {}}
     places = []
@@ -123,8 +118,8 @@ def build_encodings(sim: QuantizationSimModel, rows: list[Row]) -> dict[str, Any
             "activation_bitwidth": sim.activation_precision.bits,
             "param_bitwidth": sim.param_precision.bits,
             "dtype": "float" if sim.activation_precision.is_float else "int",
-            "is_symmetric": _flag(sim.config.default_param_symmetric),
-            "per_channel_quantization": _flag(per_channel),
+            "is_symmetric": bool_text(sim.config.default_param_symmetric),
+            "per_channel_quantization": bool_text(per_channel),
             "quant_scheme": sim.quant_scheme.value,
         },
         "mixprec": {"version": MIXPREC_SECTION_VERSION, "quantizers": places},
@@ -154,7 +149,7 @@ def _granularity_from_json(data: dict[str, Any]) -> Granularity:
     raise ValueError(f"unknown granularity {data!r}")
 
 
-def _find_place(sim: QuantizationSimModel, item: dict[str, Any], where: str, places: set[Place]) -> Place:
+def _find_place(sim: PrecisionState, item: dict[str, Any], where: str, places: set[Place]) -> Place:
     kind = PlaceKind(item["kind"])
     if kind is PlaceKind.MODEL_INPUT:
         place = Place(kind, None, int(item["slot"]))
@@ -191,7 +186,7 @@ def _encoding(
     return Encoding(precision, granularity, symmetric, scale, offset, strict_symmetric=strict)
 
 
-def read_encodings(sim: QuantizationSimModel, data: dict[str, Any], source: str) -> list[LoadItem]:
+def read_encodings(sim: PrecisionState, data: dict[str, Any], source: str) -> list[LoadItem]:
     """Validate a parsed ``.encodings`` document against ``sim`` and say what loading changes.
 
     Every encoding is tried on a scratch quantizer with the place's settings first, so a bad
@@ -203,7 +198,7 @@ def read_encodings(sim: QuantizationSimModel, data: dict[str, Any], source: str)
     section = data.get("mixprec") if isinstance(data, dict) else None
     if not isinstance(section, dict) or not isinstance(section.get("quantizers"), list):
         raise ValueError(
-            f"{source} has no 'mixprec' section: only files written by QuantizationSimModel.export can be "
+            f"{source} has no 'mixprec' section: only files written by PrecisionState.export can be "
             "mapped back onto a sim's quantizers"
         )
     items: list[LoadItem] = []

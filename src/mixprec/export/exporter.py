@@ -1,4 +1,4 @@
-"""Export a QuantizationSimModel: float ONNX model, encodings file, and a QDQ ONNX model.
+"""Export a PrecisionState: float ONNX model, encodings file, and a QDQ ONNX model.
 
 ``sim.export(path, prefix, dummy_input)`` writes three files into ``path``:
 
@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,9 +45,7 @@ from mixprec.export.qdq import QdqSpec, insert_qdq
 from mixprec.export.trace import export_with_markers
 from mixprec.quant.quantizers import IntQuantizer, QuantizerBase
 from mixprec.sim.placement import Place, PlaceKind
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.state import PrecisionState
 
 DEFAULT_OPSET = 21  # the first opset with int4/int16 QuantizeLinear types
 MIN_OPSET = 18  # the torch.export-based exporter writes 18 and later
@@ -97,7 +95,7 @@ class ExportResult:
 
 
 def export_sim(
-    sim: QuantizationSimModel,
+    sim: PrecisionState,
     path: str | os.PathLike,
     filename_prefix: str,
     dummy_input: Any = None,
@@ -142,7 +140,7 @@ def export_sim(
     args, kwargs = _default_dummy_input(sim) if dummy_input is None else split_dummy_input(dummy_input)
 
     try:
-        traced = export_with_markers(sim.model, args, kwargs, [q for _, q in entries], opset, sim._runtime)
+        traced = export_with_markers(sim.model, args, kwargs, [q for _, q in entries], opset, sim.runtime)
     except RuntimeError as exc:
         raise ExportError(f"could not export {type(sim.model).__name__} to ONNX: {exc}") from exc
     for note in traced.notes:
@@ -207,7 +205,7 @@ def export_sim(
     return result
 
 
-def load_encodings(sim: QuantizationSimModel, path: str | os.PathLike) -> None:
+def load_encodings(sim: PrecisionState, path: str | os.PathLike) -> None:
     """Load an ``.encodings`` file written by :func:`export_sim` into ``sim``'s quantizers.
 
     The file decides each place's precision (a quantizer at another precision is rebuilt, one
@@ -265,7 +263,7 @@ def _check_encodings(entries: list[tuple[Place, QuantizerBase]]) -> None:
         )
 
 
-def _default_dummy_input(sim: QuantizationSimModel) -> tuple[tuple, dict]:
+def _default_dummy_input(sim: PrecisionState) -> tuple[tuple, dict]:
     inputs = sim.graph.inputs
     spec = sim.graph.input_structure
     if not all(io.is_float for io in inputs) or getattr(spec, "num_leaves", -1) != len(inputs):
@@ -281,7 +279,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _spec(sim: QuantizationSimModel, place: Place, q: QuantizerBase, key: str) -> QdqSpec:
+def _spec(sim: PrecisionState, place: Place, q: QuantizerBase, key: str) -> QdqSpec:
     if not q.needs_encoding:
         return QdqSpec(key, q.label, q.precision, q.granularity)
     enc = q.get_encoding()
@@ -296,7 +294,7 @@ def _spec(sim: QuantizationSimModel, place: Place, q: QuantizerBase, key: str) -
 
 
 def _rows(
-    sim: QuantizationSimModel, entries: list[tuple[Place, QuantizerBase]], keys: list[list[str]]
+    sim: PrecisionState, entries: list[tuple[Place, QuantizerBase]], keys: list[list[str]]
 ) -> list[Row]:
     rows = [Row(place, q, tuple(keys[i])) for i, (place, q) in enumerate(entries)]
     # places without a quantizer are listed too, so loading can remove one a fresh sim has there

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from mixprec.core.precision import Precision
 from mixprec.errors import PrecisionConflictError, RequestError, UnsupportedKernelError
+from mixprec.mixed.profile import Profile, profile_from_requests, record_profile
 from mixprec.plan import targets as _targets
 from mixprec.plan.requests import Request, RequestKind, TargetKind
 from mixprec.plan.resolve import Plan, PlannedState, resolve
@@ -122,16 +123,12 @@ class MixedPrecisionConfigurator:
         finally:
             self._location = previous
 
-    def apply_profile(self, profile: Any) -> None:
+    def apply_profile(self, profile: Profile | str | Path | Mapping[str, Any]) -> None:
         """Record the requests of a profile (see :func:`mixprec.load_profile`) in order."""
-        from mixprec.mixed.profile import record_profile
-
         record_profile(self, profile)
 
-    def to_profile(self, path: str | Path | None = None) -> Any:
+    def to_profile(self, path: str | Path | None = None) -> Profile:
         """The requests recorded so far as a profile; written to ``path`` (.yaml/.json) when given."""
-        from mixprec.mixed.profile import profile_from_requests
-
         return profile_from_requests(self, path)
 
     def preview(self, strict: bool = True) -> MixedPrecisionReport:

@@ -16,22 +16,45 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from mixprec.core.granularity import PerBlock, PerChannel
 from mixprec.core.param_spec import ParamSpec
 from mixprec.core.precision import Precision
 from mixprec.errors import ProfileError, RequestError
 from mixprec.mixed.profile_targets import io_activation, profile_target, resolve_target
-from mixprec.plan.requests import RequestKind
-
-if TYPE_CHECKING:
-    from mixprec.mixed.configurator import MixedPrecisionConfigurator
+from mixprec.plan.requests import Request, RequestKind
+from mixprec.quantsim import QuantizationSimModel
 
 PROFILE_VERSION = 1
 _TOP_KEYS = ("version", "strict", "requests")
+
+
+class Recorder(Protocol):
+    """What profiles record into and are made from: a ``MixedPrecisionConfigurator``.
+
+    Typed by what is used, so this module does not import the configurator (which imports it).
+    """
+
+    sim: QuantizationSimModel
+
+    def __init__(self, sim: QuantizationSimModel) -> None: ...
+
+    @property
+    def requests(self) -> tuple[Request, ...]: ...
+
+    def set_precision(
+        self, target: Any, activation: Any, param: dict[str, Any] | None = None, *, within: Any = None
+    ) -> None: ...
+
+    def set_model_input_precision(self, activation: Any) -> None: ...
+
+    def set_model_output_precision(self, activation: Any) -> None: ...
+
+    def _recorded_at(self, location: str) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -181,7 +204,7 @@ def load_profile(path: str | Path) -> Profile:
     return Profile.from_dict(data, source, _Lines.of(text))
 
 
-def record_profile(mp: MixedPrecisionConfigurator, profile: Profile | str | Path | Mapping) -> None:
+def record_profile(mp: Recorder, profile: Profile | str | Path | Mapping) -> None:
     """Record a profile's requests on ``mp`` in order, all or nothing.
 
     Each request's location reads ``<file>:entry N`` so reports point at the profile, not at this code.
@@ -189,13 +212,11 @@ def record_profile(mp: MixedPrecisionConfigurator, profile: Profile | str | Path
     Raises:
         ProfileError: an entry the model cannot honour (unknown layer, bad param name...); nothing is recorded.
     """
-    from mixprec.mixed.configurator import MixedPrecisionConfigurator
-
     if not isinstance(profile, Profile):
         profile = Profile.from_dict(profile) if isinstance(profile, Mapping) else load_profile(profile)
     # A dry run on a scratch configurator validates every entry first, so a bad entry 5 leaves
     # entries 1-4 unrecorded (as one bad set_* call records nothing).
-    for target in (MixedPrecisionConfigurator(mp.sim), mp):
+    for target in (type(mp)(mp.sim), mp):
         for index, entry in enumerate(profile.requests):
             where = f"{profile.source}:entry {index + 1}"
             try:
@@ -205,7 +226,7 @@ def record_profile(mp: MixedPrecisionConfigurator, profile: Profile | str | Path
                 raise ProfileError(f"{profile.source}: {_where(index, entry.line)}: {exc}") from exc
 
 
-def profile_from_requests(mp: MixedPrecisionConfigurator, path: str | Path | None = None) -> Profile:
+def profile_from_requests(mp: Recorder, path: str | Path | None = None) -> Profile:
     """The requests recorded on ``mp`` so far as a profile (module targets become qualified names)."""
     entries: list[ProfileRequest] = []
     for r in mp.requests:
@@ -231,7 +252,7 @@ def profile_from_requests(mp: MixedPrecisionConfigurator, path: str | Path | Non
     return profile
 
 
-def _record(mp: MixedPrecisionConfigurator, entry: ProfileRequest) -> None:
+def _record(mp: Recorder, entry: ProfileRequest) -> None:
     if isinstance(entry, SetPrecision):
         target = resolve_target(mp.sim, entry.target)
         mp.set_precision(target, activation=_thaw(entry.activation), param=dict(entry.param) or None)

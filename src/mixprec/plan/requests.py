@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from mixprec.core.param_spec import ParamSpec
-from mixprec.core.precision import Precision
+from mixprec.core.precision import Precision, name_of
 
 
 class RequestKind(enum.Enum):
@@ -60,7 +60,7 @@ class Request:
     def describe_activation(self) -> str | list[str | None] | None:
         if self.activation is None:
             return None
-        names = [None if p is None else p.name for p in self.activation]
+        names = [name_of(p) for p in self.activation]
         return names if self.activation_is_list else names[0]
 
 

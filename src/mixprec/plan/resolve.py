@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from mixprec.capture.graph import Graph
 from mixprec.config.rules import SimConfig
@@ -18,7 +17,8 @@ from mixprec.core.granularity import Granularity
 from mixprec.core.precision import FP32, Precision
 from mixprec.plan.requests import LayerRequest, Request, RequestKind, expand
 from mixprec.sim.effective import compute_precision, effective_input_precisions
-from mixprec.sim.placement import Place, PlaceKind, Placement, passes_through
+from mixprec.sim.placement import Place, PlaceKind, passes_through
+from mixprec.sim.state import PrecisionView
 
 
 class Reason(enum.Enum):
@@ -30,15 +30,6 @@ class Reason(enum.Enum):
     MODEL_INPUT = "model input"
     MODEL_OUTPUT = "model output"
     LOWERED = "lowered"
-
-
-class PrecisionState(Protocol):
-    graph: Graph
-    placement: Placement
-
-    def precision_at(self, place: Place) -> Precision | None: ...
-
-    def granularity_at(self, place: Place) -> Granularity | None: ...
 
 
 @dataclass(frozen=True)
@@ -117,7 +108,7 @@ class Plan:
 class PlannedState:
     """The sim's precisions with the plan's changes laid over them."""
 
-    def __init__(self, base: PrecisionState, changes: dict[Place, Precision | None], canonical) -> None:
+    def __init__(self, base: PrecisionView, changes: dict[Place, Precision | None], canonical) -> None:
         self.graph = base.graph
         self.placement = base.placement
         self._base = base
@@ -156,7 +147,7 @@ def preprocess(graph: Graph, requests: list[Request]) -> Plan:
 
 
 class _Propagator:
-    def __init__(self, state: PrecisionState, plan: Plan, canonical) -> None:
+    def __init__(self, state: PrecisionView, plan: Plan, canonical) -> None:
         self.state = state
         self.graph = state.graph
         self.placement = state.placement
@@ -264,7 +255,7 @@ class _Propagator:
         items: list[tuple[int, object]] = [(lr.request.id, lr) for lr in plan.winners.values()]
         items += [(req.id, (kind, index, req, p)) for (kind, index), (req, p) in plan.io_winners.items()]
         items.sort(key=lambda item: -item[0])
-        for rid, item in items:
+        for _rid, item in items:
             if isinstance(item, LayerRequest):
                 self.run_layer_request(item)
             else:
@@ -346,7 +337,7 @@ def make_canonical(graph: Graph):
     return canonical
 
 
-def resolve(state: PrecisionState, config: SimConfig, requests: list[Request]) -> tuple[Plan, PlannedState]:
+def resolve(state: PrecisionView, config: SimConfig, requests: list[Request]) -> tuple[Plan, PlannedState]:
     """Compute the whole plan for ``requests`` against the sim's current precisions."""
     graph = state.graph
     canonical = make_canonical(graph)
@@ -372,7 +363,7 @@ def resolve(state: PrecisionState, config: SimConfig, requests: list[Request]) -
     return plan, planned
 
 
-def _weight_precision(state: PrecisionState, layer_index: int) -> tuple[bool, Precision | None]:
+def _weight_precision(state: PrecisionView, layer_index: int) -> tuple[bool, Precision | None]:
     layer = state.graph.layers[layer_index]
     for name, ref in layer.params.items():
         if ref.attr == "weight" or (ref.ndim >= 2 and name.endswith("weight")):
@@ -380,7 +371,7 @@ def _weight_precision(state: PrecisionState, layer_index: int) -> tuple[bool, Pr
     return False, None
 
 
-def check_kernels(state: PrecisionState, config: SimConfig) -> list[KernelFinding]:
+def check_kernels(state: PrecisionView, config: SimConfig) -> list[KernelFinding]:
     """Rule 5: each layer's final (activation, weight) precision must be in its kernel list."""
     findings = []
     memo: dict[int, Precision | None] = {}
@@ -406,7 +397,7 @@ def check_kernels(state: PrecisionState, config: SimConfig) -> list[KernelFindin
     return findings
 
 
-def find_transitions(state: PrecisionState) -> list[Transition]:
+def find_transitions(state: PrecisionView) -> list[Transition]:
     """Edges where a tensor's precision differs from the precision its reader computes at."""
     graph = state.graph
     memo: dict[int, Precision | None] = {}

@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
@@ -16,20 +16,15 @@ from mixprec.core.param_spec import ParamSpec
 from mixprec.core.precision import Precision, parse_optional
 from mixprec.errors import RequestError
 from mixprec.plan.requests import TargetKind
+from mixprec.sim.placement import is_quantizable
 from mixprec.sim.runtime import original_class
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.state import PrecisionState
 
 _GLOB_CHARS = set("*?[")
 
 
-def _quantizable(sim: QuantizationSimModel, index: int) -> bool:
-    layer = sim.graph.layers[index]
-    if layer.data_movement:
-        return False
-    p = sim.placement
-    return bool(layer.params) or any(p.inputs[index]) or any(p.outputs[index])
+def _quantizable(sim: PrecisionState, index: int) -> bool:
+    return is_quantizable(sim.placement, sim.graph.layers[index])
 
 
 def _qualname(obj: Any) -> str:
@@ -38,7 +33,7 @@ def _qualname(obj: Any) -> str:
     return f"{module}.{name}" if module else name
 
 
-def match_target(sim: QuantizationSimModel, target: Any) -> tuple[tuple[int, ...], TargetKind, str]:
+def match_target(sim: PrecisionState, target: Any) -> tuple[tuple[int, ...], TargetKind, str]:
     """The quantizable layers ``target`` names, how it named them, and a readable description."""
     graph = sim.graph
     if isinstance(target, nn.Module):
@@ -57,9 +52,9 @@ def match_target(sim: QuantizationSimModel, target: Any) -> tuple[tuple[int, ...
         if not issubclass(target, nn.Module):
             raise RequestError(f"target class {target.__name__} is not a torch.nn.Module subclass")
         layers = tuple(
-            l.index
-            for l in graph.layers
-            if l.is_module and issubclass(l.op, target) and _quantizable(sim, l.index)
+            layer.index
+            for layer in graph.layers
+            if layer.is_module and issubclass(layer.op, target) and _quantizable(sim, layer.index)
         )
         return layers, TargetKind.MODULE_CLASS, _qualname(target)
     if isinstance(target, str):
@@ -67,9 +62,9 @@ def match_target(sim: QuantizationSimModel, target: Any) -> tuple[tuple[int, ...
     if callable(target):
         canonical = ops.function_name(target)
         layers = tuple(
-            l.index
-            for l in graph.layers
-            if not l.is_module and l.type_name == canonical and _quantizable(sim, l.index)
+            layer.index
+            for layer in graph.layers
+            if not layer.is_module and layer.type_name == canonical and _quantizable(sim, layer.index)
         )
         return layers, TargetKind.FUNCTION, _qualname(target)
     raise RequestError(
@@ -79,23 +74,27 @@ def match_target(sim: QuantizationSimModel, target: Any) -> tuple[tuple[int, ...
 
 
 def _match_module(
-    sim: QuantizationSimModel, name: str, module: nn.Module
+    sim: PrecisionState, name: str, module: nn.Module
 ) -> tuple[tuple[int, ...], TargetKind, str]:
     graph = sim.graph
-    leaf = any(l.is_module and l.module_name == name for l in graph.layers) and name in sim.leaf_module_names
+    leaf = (
+        any(layer.is_module and layer.module_name == name for layer in graph.layers)
+        and name in sim.leaf_module_names
+    )
     if leaf:
         layers = tuple(
-            l.index
-            for l in graph.layers
-            if l.is_module and l.module_name == name and _quantizable(sim, l.index)
+            layer.index
+            for layer in graph.layers
+            if layer.is_module and layer.module_name == name and _quantizable(sim, layer.index)
         )
         kind = TargetKind.LEAF_MODULE
     else:
         prefix = name + "." if name else ""
         layers = tuple(
-            l.index
-            for l in graph.layers
-            if (l.module_name == name or l.module_name.startswith(prefix)) and _quantizable(sim, l.index)
+            layer.index
+            for layer in graph.layers
+            if (layer.module_name == name or layer.module_name.startswith(prefix))
+            and _quantizable(sim, layer.index)
         )
         kind = TargetKind.MODULE
     if not layers:
@@ -106,10 +105,10 @@ def _match_module(
     return layers, kind, name or "<root>"
 
 
-def _match_string(sim: QuantizationSimModel, text: str) -> tuple[tuple[int, ...], TargetKind, str]:
+def _match_string(sim: PrecisionState, text: str) -> tuple[tuple[int, ...], TargetKind, str]:
     graph = sim.graph
-    names = [l.name for l in graph.layers if _quantizable(sim, l.index)]
-    by_name = {l.name: l.index for l in graph.layers}
+    names = [layer.name for layer in graph.layers if _quantizable(sim, layer.index)]
+    by_name = {layer.name: layer.index for layer in graph.layers}
     if text.startswith("re:"):
         try:
             pattern = re.compile(text[3:])
@@ -165,7 +164,7 @@ def parse_params(value: Any) -> tuple[tuple[str, ParamSpec], ...]:
 
 
 def check_layer_arguments(
-    sim: QuantizationSimModel, layers: tuple[int, ...], activation, is_list: bool, params
+    sim: PrecisionState, layers: tuple[int, ...], activation, is_list: bool, params
 ) -> None:
     graph = sim.graph
     if is_list:
@@ -230,7 +229,7 @@ def match_io(
             )
         return [
             pair
-            for i, (s, v) in enumerate(zip(skeleton, value))
+            for i, (s, v) in enumerate(zip(skeleton, value, strict=True))
             for pair in match_io(s, v, what, is_float, f"{path}[{i}]")
         ]
     if isinstance(value, dict):
@@ -243,7 +242,7 @@ def match_io(
     if isinstance(value, (list, tuple)) and len(value) == len(skeleton):
         return [
             pair
-            for (k, s), v in zip(skeleton.items(), value)
+            for (k, s), v in zip(skeleton.items(), value, strict=True)
             for pair in match_io(s, v, what, is_float, f"{path}.{k}")
         ]
     raise RequestError(

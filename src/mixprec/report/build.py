@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mixprec.core.precision import Precision
+from mixprec.core.precision import Precision, name_of
 from mixprec.plan.requests import LayerRequest, RequestKind
 from mixprec.plan.resolve import Claim, Plan, PlannedState, Reason
 from mixprec.report.model import MixedPrecisionReport
 from mixprec.sim.effective import compute_precision, effective_input_precisions
 from mixprec.sim.placement import Place, PlaceKind
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.state import PrecisionState
 
 
-def _n(p: Precision | None) -> str | None:
-    return None if p is None else p.name
-
-
-def _lr_row(sim: QuantizationSimModel, lr: LayerRequest) -> dict[str, Any]:
+def _lr_row(sim: PrecisionState, lr: LayerRequest) -> dict[str, Any]:
     return {
         "layer": sim.graph.layers[lr.layer].name,
         "request": lr.request.id,
-        "inputs": [_n(p) for p in lr.inputs],
-        "outputs": [_n(lr.output)],
+        "inputs": [name_of(p) for p in lr.inputs],
+        "outputs": [name_of(lr.output)],
         "params": {k: str(v) for k, v in lr.params.items()},
     }
 
 
-def _why(sim: QuantizationSimModel, claim: Claim) -> str:
+def _why(sim: PrecisionState, claim: Claim) -> str:
     names = sim.graph.layers
     if claim.reason is Reason.REQUESTED:
         if claim.place.kind is PlaceKind.PARAM or claim.reader is None or claim.place.layer == claim.reader:
@@ -44,7 +38,7 @@ def _why(sim: QuantizationSimModel, claim: Claim) -> str:
 
 
 def build_report(
-    sim: QuantizationSimModel, plan: Plan, planned: PlannedState, *, applied: bool, strict: bool
+    sim: PrecisionState, plan: Plan, planned: PlannedState, *, applied: bool, strict: bool
 ) -> MixedPrecisionReport:
     graph = sim.graph
     report = MixedPrecisionReport(applied=applied, strict=strict)
@@ -104,13 +98,13 @@ def build_report(
                 "layer": layer.name,
                 "request": t.request,
                 "reason": t.reason.value,
-                "inputs": [_n(p) for p in effective_input_precisions(planned, layer, memo)],
+                "inputs": [name_of(p) for p in effective_input_precisions(planned, layer, memo)],
                 "outputs": [
-                    _n(planned.precision_at(Place(PlaceKind.OUTPUT, index, s))) if tpl else None
+                    name_of(planned.precision_at(Place(PlaceKind.OUTPUT, index, s))) if tpl else None
                     for s, tpl in enumerate(planned.placement.outputs[index])
                 ],
                 "params": {
-                    n: _n(planned.precision_at(Place(PlaceKind.PARAM, index, n))) for n in layer.params
+                    n: name_of(planned.precision_at(Place(PlaceKind.PARAM, index, n))) for n in layer.params
                 },
             }
         )
@@ -122,8 +116,8 @@ def build_report(
                 "layer": layer_name,
                 "slot": slot,
                 "quantizer": sim.describe(place),
-                "old": _n(change.old),
-                "new": _n(change.new),
+                "old": name_of(change.old),
+                "new": name_of(change.new),
                 "granularity": None if change.claim.granularity is None else str(change.claim.granularity),
                 "request": change.claim.request,
                 "reason": change.claim.reason.value,
@@ -156,8 +150,8 @@ def build_report(
             {
                 "layer": graph.layers[k.layer].name,
                 "op_type": k.op_type,
-                "activation": _n(k.activation),
-                "param": _n(k.param),
+                "activation": name_of(k.activation),
+                "param": name_of(k.param),
                 "supported": list(k.supported),
             }
         )
@@ -176,7 +170,7 @@ def build_report(
 
 
 def _layer_map(
-    sim: QuantizationSimModel, plan: Plan, planned: PlannedState, memo: dict[int, Precision | None]
+    sim: PrecisionState, plan: Plan, planned: PlannedState, memo: dict[int, Precision | None]
 ) -> list[dict[str, Any]]:
     """Every compute layer with its final precision and its upstream compute layers (for graph views)."""
     graph = sim.graph
@@ -207,13 +201,14 @@ def _layer_map(
                 "type": layer.type_name,
                 "op_type": layer.op_type,
                 "module": layer.module_name,
-                "computes": _n(compute_precision(planned, layer, memo)),
+                "computes": name_of(compute_precision(planned, layer, memo)),
                 "outputs": [
-                    _n(planned.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
+                    name_of(planned.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
                     for s, t in enumerate(outputs)
                 ],
                 "params": {
-                    n: _n(planned.precision_at(Place(PlaceKind.PARAM, layer.index, n))) for n in layer.params
+                    n: name_of(planned.precision_at(Place(PlaceKind.PARAM, layer.index, n)))
+                    for n in layer.params
                 },
                 "sources": sources,
                 "status": status,
@@ -222,7 +217,7 @@ def _layer_map(
     return rows
 
 
-def _place_columns(sim: QuantizationSimModel, place: Place) -> tuple[str, str]:
+def _place_columns(sim: PrecisionState, place: Place) -> tuple[str, str]:
     if place.kind is PlaceKind.MODEL_INPUT:
         return f"model input {sim.graph.inputs[int(place.slot)].path}", "input"
     name = sim.graph.layers[place.layer].name
@@ -231,7 +226,7 @@ def _place_columns(sim: QuantizationSimModel, place: Place) -> tuple[str, str]:
     return name, f"{place.kind.value} {place.slot}"
 
 
-def _param_sharers(sim: QuantizationSimModel, place: Place) -> list[str]:
+def _param_sharers(sim: PrecisionState, place: Place) -> list[str]:
     if place.kind is not PlaceKind.PARAM:
         return []
     key = sim.graph.layers[place.layer].params[str(place.slot)].key

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from mixprec.report.model import MixedPrecisionReport
+
+class _HasDict(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+# A MixedPrecisionReport or its ``to_dict()``: this module reads only the dict, so it does not
+# import the report's model (which imports this module for ``to_html``).
+ReportData = Mapping[str, Any] | _HasDict
 
 # One color per precision; integers run purple (narrow) -> blue (int8) -> orange (int16).
 PALETTE: dict[str, str] = {
@@ -51,7 +59,7 @@ def precision_color(precision: str | None) -> str:
     return PALETTE.get(precision or "fp32", UNKNOWN_COLOR)
 
 
-def write_html(report: MixedPrecisionReport, path: str | Path, title: str | None = None) -> Path:
+def write_html(report: ReportData, path: str | Path, title: str | None = None) -> Path:
     """Write the report as one HTML file (no network access needed to view it) and return its path.
 
     Example:
@@ -64,9 +72,9 @@ def write_html(report: MixedPrecisionReport, path: str | Path, title: str | None
     return path
 
 
-def render_html(report: MixedPrecisionReport, title: str | None = None) -> str:
-    """The HTML text of :func:`write_html`."""
-    data = report.to_dict()
+def render_html(report: ReportData, title: str | None = None) -> str:
+    """The HTML text of :func:`write_html` (``report``: a report or its ``to_dict()``)."""
+    data = report if isinstance(report, Mapping) else report.to_dict()
     title = title or "Mixed precision report"
     used = sorted(
         {row["computes"] or "fp32" for row in data["layers"]} | _io_precisions(data), key=_precision_order

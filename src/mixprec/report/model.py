@@ -1,6 +1,6 @@
-"""The report of an ``apply``/``preview``: how each request was realized (spec §5).
+"""The report of an ``apply``/``preview``: how each request was realized.
 
-``MixedPrecisionReport.to_dict()`` has these stable keys (documented in docs/report.md):
+``MixedPrecisionReport.to_dict()`` has these stable keys (documented in docs/rules.md, "The report"):
 ``requests``, ``before_preprocessing``, ``after_preprocessing``, ``after_propagation``,
 ``changes``, ``unmatched``, ``shadowed``, ``conflicts``, ``kernel_findings``,
 ``transitions``, ``transition_count``, ``applied``, ``strict``.
@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from mixprec.report.html import write_html
 
 REPORT_KEYS = (
     "requests",
@@ -117,9 +119,7 @@ class MixedPrecisionReport:
 
     def to_html(self, path: str | Path) -> Path:
         """Write a self-contained HTML page: requests, changes, and the model's precision map."""
-        from mixprec.report.html import write_html
-
-        return write_html(self, path)
+        return write_html(self.to_dict(), path)
 
     def write(self, log_file: str | Path | IO[str] | None) -> None:
         """Write the text report to a path or an open text stream (None writes nothing)."""

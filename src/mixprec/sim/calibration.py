@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,12 +11,10 @@ from torch import nn
 from mixprec.errors import CalibrationError
 from mixprec.sim.distributed import run_calibration_pass
 from mixprec.sim.placement import PlaceKind
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.state import PrecisionState
 
 
-def calibrate(sim: QuantizationSimModel, callback: Callable[[nn.Module, Any], Any], args: Any) -> None:
+def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], args: Any) -> None:
     """Observe float values in one pass, then set encodings; on any failure restore the previous ones."""
     if not callable(callback):
         raise TypeError(f"forward_pass_callback must be callable as callback(model, args), got {callback!r}")

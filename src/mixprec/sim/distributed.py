@@ -23,7 +23,7 @@ import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,12 +32,9 @@ from torch import nn
 from mixprec.errors import CalibrationError
 from mixprec.quant import qmath as qm
 from mixprec.quant.observers import RangeObserver
-from mixprec.sim.placement import PlaceKind
-
-if TYPE_CHECKING:
-    from mixprec.quant.quantizers import QuantizerBase
-    from mixprec.quantsim import QuantizationSimModel
-    from mixprec.sim.placement import Place
+from mixprec.quant.quantizers import QuantizerBase
+from mixprec.sim.placement import Place, PlaceKind
+from mixprec.sim.state import PrecisionState
 
 _OK, _FAILED = 0, 1
 _BIG = 2**62  # stands in for "nothing here" in MAX reductions of int64 shapes
@@ -50,7 +47,7 @@ def is_distributed() -> bool:
 
 
 def run_calibration_pass(
-    sim: QuantizationSimModel,
+    sim: PrecisionState,
     entries: Sequence[tuple[Place, QuantizerBase]],
     callback: Callable[[nn.Module, Any], Any],
     args: Any,

@@ -1,19 +1,19 @@
-"""The precision at which each layer reads its inputs, as the sim holds it now (spec §2)."""
+"""The precision at which each layer reads its inputs and computes (docs/rules.md, rule 2 and ``effective_inputs``).
+
+Works on any :class:`~mixprec.sim.state.PrecisionView`: the sim as it is, or a plan's
+``PlannedState`` (the sim with a plan's changes laid over it).
+"""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from mixprec.capture.graph import Layer
 from mixprec.core.precision import Precision
 from mixprec.sim.placement import Place, PlaceKind, passes_through
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.state import PrecisionView
 
 
 def value_precision(
-    sim: QuantizationSimModel, tensor_id: int | None, memo: dict[int, Precision | None]
+    sim: PrecisionView, tensor_id: int | None, memo: dict[int, Precision | None]
 ) -> Precision | None:
     """Precision of the quantizer that last quantized ``tensor_id``.
 
@@ -42,7 +42,7 @@ def value_precision(
 
 
 def compute_precision(
-    sim: QuantizationSimModel, layer: Layer, memo: dict[int, Precision | None]
+    sim: PrecisionView, layer: Layer, memo: dict[int, Precision | None]
 ) -> Precision | None:
     """The precision a layer computes at: the highest precision among its float inputs."""
     if layer.index in memo:
@@ -54,7 +54,7 @@ def compute_precision(
 
 
 def effective_input_precisions(
-    sim: QuantizationSimModel, layer: Layer, memo: dict[int, Precision | None] | None = None
+    sim: PrecisionView, layer: Layer, memo: dict[int, Precision | None] | None = None
 ) -> list[Precision | None]:
     memo = {} if memo is None else memo
     result = []

@@ -27,13 +27,28 @@ class PlaceKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Place:
-    """One quantizer position: a layer's input/output slot, a layer's param, or a model input."""
+    """One quantizer position of a sim: a layer's input/output slot, a layer's param, or a model input.
+
+    Places are plain, hashable values: list them with ``sim.places()``, read the quantizer at one
+    with ``sim.quantizer_at(place)``, change it with ``sim.set_precision_at(place, precision)``.
+
+    Attributes:
+        kind: which kind of place (:class:`PlaceKind`).
+        layer: index of the layer in ``sim.graph.layers``; None for a model input.
+        slot: the input/output slot number, the parameter's name (``"weight"``) for ``PARAM``,
+            or the model input's position for ``MODEL_INPUT``.
+
+    Example:
+        >>> place = Place(PlaceKind.OUTPUT, sim.graph.layer("conv1").index, 0)
+        >>> sim.set_precision_at(place, Precision.parse("int16"))
+    """
 
     kind: PlaceKind
     layer: int | None
     slot: int | str
 
     def describe(self, graph: Graph) -> str:
+        """A readable name of the place in ``graph`` (``conv1 output 0``, ``model input x``)."""
         if self.kind is PlaceKind.MODEL_INPUT:
             return f"model input {graph.inputs[int(self.slot)].path}"
         name = graph.layers[self.layer].name
@@ -78,6 +93,17 @@ def passes_through(placement: Placement, layer: int, slot: int) -> bool:
     """
     template = placement.outputs[layer][slot]
     return template is None or layer in placement.fused or template.initial is None
+
+
+def has_places(placement: Placement, layer: Layer) -> bool:
+    """Whether a layer has a param, or an input or output slot where a quantizer may sit."""
+    i = layer.index
+    return bool(layer.params) or any(placement.inputs[i]) or any(placement.outputs[i])
+
+
+def is_quantizable(placement: Placement, layer: Layer) -> bool:
+    """Whether requests and tables see the layer: it computes (not data movement) and has places."""
+    return not layer.data_movement and has_places(placement, layer)
 
 
 def _single_consumer(graph: Graph, layer: Layer, model_outputs: set[int]) -> Layer | None:
