@@ -441,13 +441,13 @@ class RequestSpec:
 
 
 def quantizable_layers(sim: Any) -> list[Any]:
-    """Layers a request can target: compute layers with a quantizer place or a param (spec §2)."""
+    """Layers a request can target: compute layers with a quantizer place or a param (docs/rules.md)."""
     names = {row["name"] for row in sim.precision_table()}
     return [layer for layer in sim.graph.layers if layer.name in names]
 
 
 def expected_layers(sim: Any, spec: RequestSpec) -> tuple[int, ...]:
-    """The layers a request targets, per spec §3, computed independently of mixprec's matcher."""
+    """The layers a request targets, per docs/rules.md ("Requests"), computed independently of mixprec's matcher."""
     layers = quantizable_layers(sim)
     names = [layer.name for layer in layers]
     if spec.kind in ("leaf", "module") or (spec.kind == "name" and sim.named_module(spec.target) is not None):

@@ -1,4 +1,4 @@
-"""The rules of spec §3 (requests) and §4 (resolution), one test each, on tiny models."""
+"""The rules of docs/rules.md (requests and resolution), one test each, on tiny models."""
 
 import io
 import re
@@ -35,7 +35,7 @@ def calibrate(sim, example):
     sim.compute_encodings(run, None)
 
 
-# §3 targets --------------------------------------------------------------------------------
+# requests: targets --------------------------------------------------------------------------------
 
 
 def test_leaf_request_sets_the_producer_of_its_input():
@@ -102,7 +102,7 @@ def test_class_matching_nothing_is_recorded_and_reported():
     assert not report.changes
 
 
-# §4 rule 1: latest wins ------------------------------------------------------------------------
+# rule 1: latest wins ------------------------------------------------------------------------
 
 
 def test_non_leaf_then_leaf_inside_gives_leaf_its_own_precision():
@@ -368,7 +368,7 @@ def test_changed_quantizer_keeps_granularity_and_needs_calibration():
     sim.model(example)
 
 
-# §3 errors at call time ---------------------------------------------------------------------------------
+# requests: errors at call time ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

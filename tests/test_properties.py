@@ -1,4 +1,4 @@
-"""Property-based tests of manual mixed precision (spec §3-§4) over random models and requests.
+"""Property-based tests of manual mixed precision (docs/rules.md) over random models and requests.
 
 Each example builds a random model (tests/strategies.py), a sim with a random config, calibrates
 it, then records random request sequences and applies them (one or two rounds). After every
@@ -70,7 +70,7 @@ def by_design_fused(sim: QuantizationSimModel, layer: int, slot: int) -> bool:
 def effective_inputs(
     sim: QuantizationSimModel, layer_index: int, memo: dict[int, Precision | None]
 ) -> list[Precision | None]:
-    """Spec §2, 'producer quantizer of an input', written independently of mixprec.sim.effective."""
+    """docs/rules.md rule 2, 'producer quantizer of an input', written independently of mixprec.sim.effective."""
     graph = sim.graph
     layer = graph.layers[layer_index]
     result: list[Precision | None] = []
@@ -301,7 +301,7 @@ def check_plan_matches_sim(sim: QuantizationSimModel, report: dict) -> None:
 
 
 def check_kernels_and_transitions(sim: QuantizationSimModel, report: dict) -> None:
-    """Rule 5 and the transition list (spec §5), recomputed from the sim as apply left it."""
+    """Rule 5 and the transition list (docs/rules.md, "The report"), recomputed from the sim as apply left it."""
     memo: dict[int, Precision | None] = {}
     findings, transitions = set(), set()
     for layer in sim.graph.layers:

@@ -1,4 +1,4 @@
-"""Numerics of _quant_math against plain reference formulas, plus properties (hypothesis)."""
+"""Numerics of mixprec.quant.qmath against plain reference formulas, plus properties (hypothesis)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 While exporting, each quantizer's forward is replaced (on the instance, restored after) by a
 call to the custom op ``mixprec::export_marker(x, index)``: an identity that the ONNX
-exporters write as ``ai.mixprec.export.exporter::Marker`` with the quantizer's index as an attribute.
+exporters write as ``ai.mixprec.export::Marker`` with the quantizer's index as an attribute.
 The sim's own forward does the rest: it calls every quantizer exactly where the simulation
 quantizes, including model inputs and functional layers, so markers sit where the sim's
 quantizers act. Later passes turn markers into nothing (float model) or Q/DQ pairs.
@@ -25,7 +25,7 @@ from torch import nn
 from mixprec.quant.quantizers import QuantizerBase
 from mixprec.sim import runtime as _runtime
 
-MARKER_DOMAIN = "ai.mixprec.export.exporter"
+MARKER_DOMAIN = "ai.mixprec.export"
 MARKER_OP = "Marker"
 _ABSENT = object()
 TORCHSCRIPT_MAX_OPSET = 17  # well supported by the legacy exporter; the result is converted up

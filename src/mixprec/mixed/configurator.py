@@ -21,7 +21,7 @@ from mixprec.report.model import MixedPrecisionReport
 
 
 class MixedPrecisionConfigurator:
-    """Manual mixed precision for a :class:`QuantizationSimModel` (spec §3-§5).
+    """Manual mixed precision for a :class:`QuantizationSimModel` (rules: docs/rules.md).
 
     Every ``set_*`` call is validated at once and recorded as a request; nothing in the sim
     changes before :meth:`apply`.

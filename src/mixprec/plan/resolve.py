@@ -1,8 +1,8 @@
-"""Resolution of requests into a plan (spec §4): a pipeline of plain functions, no sim mutation.
+"""Resolution of requests into a plan (docs/rules.md, "Resolution"): plain functions, no sim mutation.
 
 preprocess (latest wins per layer) -> propagate (inputs realized at producer quantizers,
 one precision per tensor, contention by request id) -> outputs (only where needed) ->
-backend check -> transitions. The sim is changed only by ``apply_plan``.
+backend check -> transitions. Only ``MixedPrecisionConfigurator.apply`` changes the sim, from the plan's changes.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class RangeObserver:
     and optionally an aligned histogram per group: bins are ``[i*2**k, (i+1)*2**k)`` with integer
     ``k`` and at most ``num_bins`` bins covering the observed range. When data widens the range
     beyond that, ``k`` grows and bins merge pairwise (bin ``i`` -> ``floor(i/2)``). ``k`` is a
-    monotone function of the range (``_quant_math.aligned_exponent``), so the final histogram
+    monotone function of the range (``mixprec.quant.qmath.aligned_exponent``), so the final histogram
     depends only on the multiset of values seen: not on batch order or splitting, which makes
     histograms from several processes exactly mergeable (``merge``, ``state_tensors``).
 

@@ -323,7 +323,7 @@ class QuantizerBase(nn.Module):
 
 
 class IntQuantizer(QuantizerBase):
-    """Integer fake quant with AIMET's encoding convention (see ``_quant_math``).
+    """Integer fake quant with AIMET's encoding convention (see ``mixprec.quant.qmath``).
 
     Args:
         bitwidth: 2..16 or 32.
