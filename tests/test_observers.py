@@ -12,6 +12,8 @@ from mixprec.errors import CalibrationError
 from mixprec.quant import qmath as qm
 from mixprec.quant.observers import QuantScheme, RangeObserver
 
+from . import quant_reference as ref
+
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
     """Like torch.testing.assert_close, without its ~2 s first-call import cost."""
@@ -205,7 +207,7 @@ def test_quant_scheme_parse_rejects(bad: object) -> None:
 
 def fq_mse(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, b: int, symmetric: bool) -> float:
     scale, offset = qm.encoding_from_range(mn, mx, b, symmetric)
-    return (qm.fake_quantize_int(x, scale, offset, b) - x).pow(2).mean().item()
+    return (ref.fake_quantize_int(x, scale, offset, b) - x).pow(2).mean().item()
 
 
 @pytest.mark.parametrize("bitwidth", [4, 8], ids=lambda b: f"int{b}")

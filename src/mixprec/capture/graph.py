@@ -94,10 +94,6 @@ class Graph:
     def layer(self, name: str) -> Layer | None:
         return self._by_name.get(name)
 
-    def producer_layer(self, tensor_id: int) -> Layer | None:
-        node = self.tensors[tensor_id]
-        return None if node.producer is None else self.layers[node.producer[0]]
-
     def readers(self, tensor_id: int) -> Iterator[tuple[Layer, int]]:
         """Compute layers reading ``tensor_id``, looking through data-movement layers."""
         stack = [tensor_id]

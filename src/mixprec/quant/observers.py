@@ -10,6 +10,7 @@ import torch
 from mixprec.core.granularity import Granularity, PerTensor
 from mixprec.errors import CalibrationError
 from mixprec.quant import qmath as qm
+from mixprec.quant import ranges as rg
 
 DEFAULT_NUM_BINS = 2048
 """Bin budget of a per-tensor histogram."""
@@ -140,12 +141,12 @@ class RangeObserver:
         if not self.histogram:
             self._accept(shape, rows.shape[1], bmin, bmax)
             return
-        k = qm.aligned_exponent(bmin, bmax, self.num_bins, self.k)
-        start = qm.aligned_index(bmin, k)
+        k = rg.aligned_exponent(bmin, bmax, self.num_bins, self.k)
+        start = rg.aligned_index(bmin, k)
         counts = self.counts
         if counts is not None:
-            counts = qm.rebin(counts, self.k, self.start, k, start)  # type: ignore[arg-type]
-        new = qm.aligned_histogram(rows, k, start, self.num_bins)
+            counts = rg.rebin(counts, self.k, self.start, k, start)  # type: ignore[arg-type]
+        new = rg.aligned_histogram(rows, k, start, self.num_bins)
         self.counts = new if counts is None else counts.add_(new)
         self.k, self.start = k, start
         self._accept(shape, rows.shape[1], bmin, bmax)
@@ -181,8 +182,8 @@ class RangeObserver:
         if self.histogram:
             if self.num_bins != other.num_bins:
                 raise ValueError(f"cannot merge histograms of {self.num_bins} and {other.num_bins} bins")
-            k = qm.aligned_exponent(mn, mx, self.num_bins, torch.maximum(self.k, other.k))  # type: ignore[arg-type]
-            start = qm.aligned_index(mn, k)
+            k = rg.aligned_exponent(mn, mx, self.num_bins, torch.maximum(self.k, other.k))  # type: ignore[arg-type]
+            start = rg.aligned_index(mn, k)
             self.counts = self.counts_in_layout(k, start) + other.counts_in_layout(k, start)
             self.k, self.start = k, start
         self.num_values += other.num_values
@@ -200,12 +201,12 @@ class RangeObserver:
         e.g. the layout ``layout_for_range`` gives for the all-reduced min/max."""
         if self.counts is None:
             raise ValueError("this observer holds no histogram")
-        return qm.rebin(self.counts, self.k, self.start, k, start)  # type: ignore[arg-type]
+        return rg.rebin(self.counts, self.k, self.start, k, start)  # type: ignore[arg-type]
 
     def layout_for_range(self, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, start)`` of the aligned layout covering ``[mn, mx]`` (float64 ``[G]``)."""
-        k = qm.aligned_exponent(mn.double(), mx.double(), self.num_bins)
-        return k, qm.aligned_index(mn.double(), k)
+        k = rg.aligned_exponent(mn.double(), mx.double(), self.num_bins)
+        return k, rg.aligned_index(mn.double(), k)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Statistics as tensors, for saving or a ``torch.distributed`` combine.
@@ -275,11 +276,11 @@ class RangeObserver:
         width = torch.ldexp(torch.ones_like(self.min), self.k)  # type: ignore[arg-type]
         bin_lo = self.start.double() * width  # type: ignore[union-attr]
         if scheme is QuantScheme.PERCENTILE:
-            mn, mx = qm.percentile_range(
+            mn, mx = rg.percentile_range(
                 self.counts, bin_lo, width, percentile, data_min=self.min, data_max=self.max
             )
         else:
-            mn, mx = qm.search_range_tf_enhanced(
+            mn, mx = rg.search_range_tf_enhanced(
                 self.counts,
                 bin_lo,
                 width,

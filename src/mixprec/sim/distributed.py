@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mixprec.errors import CalibrationError
-from mixprec.quant import qmath as qm
+from mixprec.quant import ranges as rg
 from mixprec.quant.observers import RangeObserver
 from mixprec.quant.quantizers import QuantizerBase
 from mixprec.sim.placement import Place, PlaceKind
@@ -306,8 +306,8 @@ def _sum_counts(
             layouts.append(None)
             continue
         # as RangeObserver.merge: the layout of the combined range, never finer than any rank's
-        k = qm.aligned_exponent(mn, mx, o.num_bins, k_floor)
-        start = qm.aligned_index(mn, k)
+        k = rg.aligned_exponent(mn, mx, o.num_bins, k_floor)
+        start = rg.aligned_index(mn, k)
         layouts.append((k, start))
         if o.num_values:
             local = o.counts_in_layout(k.to(o.k.device), start.to(o.k.device))  # type: ignore[union-attr]
