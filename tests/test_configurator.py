@@ -11,28 +11,13 @@ import mixprec
 from mixprec import MixedPrecisionConfigurator, QuantizationSimModel
 from mixprec.errors import PrecisionConflictError, RequestError, UnsupportedKernelError
 
+from .helpers import calibrate, make
 from .models import build
 from .snapshots import full_snapshot as snapshot
 
 
-def make(name, **kwargs):
-    model, example = build(name)
-    sim = QuantizationSimModel(model, dummy_input=example, **kwargs)
-    return sim, MixedPrecisionConfigurator(sim), example
-
-
 def row(sim, name):
     return next(r for r in sim.precision_table() if r["name"] == name)
-
-
-def calibrate(sim, example):
-    def run(model, _):
-        if isinstance(example, tuple):
-            model(*example)
-        else:
-            model(example)
-
-    sim.compute_encodings(run, None)
 
 
 # requests: targets --------------------------------------------------------------------------------

@@ -22,35 +22,9 @@ from mixprec.errors import (
     UnsupportedKernelError,
 )
 
+from .helpers import forward, make
 from .models import build
-
-
-def make(name: str, **kwargs):
-    model, example = build(name)
-    sim = QuantizationSimModel(model, dummy_input=example, **kwargs)
-    return sim, MixedPrecisionConfigurator(sim), example
-
-
-def forward(example):
-    return lambda m, _: m(*example) if isinstance(example, tuple) else m(example)
-
-
-def encodings(sim):
-    """Every quantizer's identity and encoding, to check that a failed call changed nothing."""
-    state = []
-    for place, q in sim.quantizers():
-        enc = q.get_encoding() if q.is_initialized and q.needs_encoding else None
-        state.append(
-            (
-                place,
-                id(q),
-                None
-                if enc is None
-                else (enc.scale.tolist(), None if enc.offset is None else enc.offset.tolist()),
-            )
-        )
-    return state
-
+from .snapshots import full_snapshot
 
 # -- requests: raised at call time, nothing recorded (RequestError, a ValueError) ---------------------------
 
@@ -222,13 +196,13 @@ def test_conflicting_strict_requests() -> None:
     sim.compute_encodings(forward(example), None)
     mp.set_precision(sim.model.a, activation="int16")
     mp.set_precision(sim.model.b, activation="int8")
-    before = encodings(sim)
+    before = full_snapshot(sim)
     with pytest.raises(
         PrecisionConflictError,
         match=r"stem output 0: request 0 .* wants int16 for layer a, but later request 1 .* sets int8",
     ):
         mp.apply(log_file=None, strict=True)
-    assert encodings(sim) == before and len(mp.requests) == 2
+    assert full_snapshot(sim) == before and len(mp.requests) == 2
     with pytest.warns(UserWarning, match="requests conflict"):
         mp.apply(log_file=None, strict=False)
 
@@ -337,7 +311,7 @@ def test_quantizer_used_before_calibration() -> None:
 def test_non_finite_calibration_data_names_the_layer_and_keeps_encodings(bad: str) -> None:
     sim, _, example = make("small_cnn", config_file={"model_input": {"is_input_quantized": False}})
     sim.compute_encodings(forward(example), None)
-    before = encodings(sim)
+    before = full_snapshot(sim)
     poisoned = example.clone()
     poisoned[0, 0, 0, 0] = float(bad)
     with pytest.raises(
@@ -345,7 +319,7 @@ def test_non_finite_calibration_data_names_the_layer_and_keeps_encodings(bad: st
         match=r"quantizer 'stem output 0' observed non-finite values during calibration: .*\nno encoding was changed",
     ):
         sim.compute_encodings(forward(poisoned), None)
-    assert encodings(sim) == before
+    assert full_snapshot(sim) == before
     sim.model(example)
 
 
@@ -371,13 +345,13 @@ def test_non_finite_activation_inside_the_model_names_that_layer() -> None:
 def test_calibration_that_runs_nothing() -> None:
     sim, _, example = make("small_cnn")
     sim.compute_encodings(forward(example), None)
-    before = encodings(sim)
+    before = full_snapshot(sim)
     with pytest.raises(
         CalibrationError,
         match=r"no data reached quantizer 'model input input\[0\]' during calibration; check that the forward",
     ):
         sim.compute_encodings(lambda m, _: None, None)
-    assert encodings(sim) == before
+    assert full_snapshot(sim) == before
 
 
 def test_callback_that_is_not_callable() -> None:

@@ -7,11 +7,8 @@ import torch.nn.functional as F
 import mixprec
 from mixprec import MixedPrecisionConfigurator, ParamSpec, PerBlock, QuantizationSimModel, forward_batches
 
+from .helpers import sqnr_db
 from .models import tiny_gpt2, tiny_llama
-
-
-def sqnr_db(reference, test):
-    return (10 * torch.log10(reference.pow(2).mean() / (reference - test).pow(2).mean())).item()
 
 
 def build(factory=tiny_llama, **kwargs):

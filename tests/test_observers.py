@@ -13,13 +13,7 @@ from mixprec.quant import qmath as qm
 from mixprec.quant.observers import QuantScheme, RangeObserver
 
 from . import quant_reference as ref
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
-    """Like torch.testing.assert_close, without its ~2 s first-call import cost."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a64, b64 = a.double(), b.double()
-    assert torch.allclose(a64, b64, rtol=rtol, atol=atol), f"max abs diff {(a64 - b64).abs().max().item()}"
+from .helpers import assert_close
 
 
 def data(n: int = 50_000, seed: int = 0) -> torch.Tensor:

@@ -29,18 +29,11 @@ from mixprec.errors import (
 )
 from mixprec.sim.placement import Place, PlaceKind
 
+from .helpers import calibrate, run
 from .snapshots import full_snapshot
 from .strategies import CONFIGS, RequestSpec, expected_layers, model_specs, request_sequences, sim_config
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def run(model: Any, inputs: tuple | dict) -> Any:
-    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-
-
-def calibrate(sim: QuantizationSimModel, inputs: tuple) -> None:
-    sim.compute_encodings(lambda m, _: run(m, inputs), None)
 
 
 def precisions(sim: QuantizationSimModel) -> dict[Place, tuple[int | None, Precision | None]]:

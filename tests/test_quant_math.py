@@ -15,6 +15,7 @@ from mixprec.quant import qmath as qm
 from mixprec.quant import ranges as rg
 
 from . import quant_reference as ref
+from .helpers import assert_close
 
 # ---------------------------------------------------------------------------- references
 
@@ -24,13 +25,6 @@ MODES = {
     "sym_unsigned": dict(symmetric=True, unsigned_symmetric=True, strict_symmetric=False),
     "sym_strict": dict(symmetric=True, unsigned_symmetric=False, strict_symmetric=True),
 }
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
-    """Like torch.testing.assert_close, without its ~2 s first-call import cost."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a64, b64 = a.double(), b.double()
-    assert torch.allclose(a64, b64, rtol=rtol, atol=atol), f"max abs diff {(a64 - b64).abs().max().item()}"
 
 
 def ref_encoding(mn: np.ndarray, mx: np.ndarray, b: int, mode: str) -> tuple[np.ndarray, np.ndarray]:

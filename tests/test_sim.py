@@ -9,15 +9,8 @@ from torch import nn
 import mixprec
 from mixprec import CaptureError, EncodingNotComputedError, QuantizationSimModel
 
+from .helpers import calibrate, sqnr_db
 from .models import build, tiny_gpt2, tiny_llama
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    return (10 * torch.log10(reference.pow(2).mean() / (reference - test).pow(2).mean())).item()
-
-
-def calibrate(sim, *args, **kwargs):
-    sim.compute_encodings(lambda model, _: model(*args, **kwargs), None)
 
 
 def rows(sim):

@@ -23,7 +23,7 @@ class Precision:
     Precisions are totally ordered by how much information a value keeps: first by
     storage bits, then floats above integers of the same width (they keep dynamic
     range), then by mantissa bits. ``fp32`` (no quantization) is above everything.
-    The order drives the spec's "lowering" rule (an int8 layer does not emit int16).
+    The order drives the "lowering" rule of docs/rules.md (rule 4: an int8 layer does not emit int16).
 
     Example:
         >>> Precision.parse("Int16") > Precision.parse("int8")

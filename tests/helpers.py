@@ -1,0 +1,54 @@
+"""Helpers shared by the tests: sims of the tiny models, running and calibrating them, and metrics.
+
+The models themselves and their example inputs are in tests/models.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec import MixedPrecisionConfigurator, QuantizationSimModel
+
+from .models import build
+
+
+def run(model: nn.Module, example: Any) -> Any:
+    """Call ``model`` on an example input: a tensor, a tuple of positional inputs or a dict of keywords."""
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, tuple):
+        return model(*example)
+    return model(example)
+
+
+def forward(example: Any) -> Callable[[nn.Module, Any], Any]:
+    """A ``compute_encodings`` callback that runs ``example`` once."""
+    return lambda model, _: run(model, example)
+
+
+def calibrate(sim: QuantizationSimModel, example: Any) -> None:
+    """Compute every encoding of ``sim`` from one forward pass of ``example``."""
+    sim.compute_encodings(forward(example), None)
+
+
+def make(name: str, **kwargs: Any) -> tuple[QuantizationSimModel, MixedPrecisionConfigurator, Any]:
+    """A sim of the tiny model ``name`` (see tests/models.py), its configurator and its example input."""
+    model, example = build(name)
+    sim = QuantizationSimModel(model, dummy_input=example, **kwargs)
+    return sim, MixedPrecisionConfigurator(sim), example
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB."""
+    return (10 * torch.log10(reference.pow(2).mean() / (reference - test).pow(2).mean())).item()
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
+    """Like torch.testing.assert_close, without its ~2 s first-call import cost."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    a64, b64 = a.double(), b.double()
+    assert torch.allclose(a64, b64, rtol=rtol, atol=atol), f"max abs diff {(a64 - b64).abs().max().item()}"
