@@ -1,1 +1,2 @@
-"""The sim config: the JSON quantsim-config rules, their parser and the bundled presets."""
+"""The sim config: the JSON quantsim-config rule types, their parser, ``SimConfig`` with
+``load_config``, and the bundled presets."""

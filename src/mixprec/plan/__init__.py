@@ -1,1 +1,2 @@
-"""Mixed-precision planning: request records, target expansion and resolution into a plan."""
+"""Mixed-precision planning: request records, target matching, resolution into a plan, and the
+kernel/transition checks of a planned state (docs/rules.md; layer rules: docs/architecture.md)."""

@@ -1,1 +1,2 @@
-"""Quantization math, calibration observers and the quantizer modules."""
+"""Quantization math (encodings and fake quant; histograms and range search), calibration
+observers and the quantizer modules."""
