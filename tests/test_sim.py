@@ -237,6 +237,21 @@ def test_sim_repr_and_exports():
         assert hasattr(mixprec, name)
 
 
+def test_sim_and_planned_state_satisfy_the_state_protocols():
+    # Collaborators below the sim are typed against these protocols, not the sim class.
+    from mixprec.plan.resolve import resolve
+
+    model, x = build("small_cnn")
+    sim = QuantizationSimModel(model, dummy_input=x)
+    assert isinstance(sim, mixprec.PrecisionState) and isinstance(sim, mixprec.PrecisionView)
+    mp = mixprec.MixedPrecisionConfigurator(sim)
+    mp.set_precision(sim.model.fc, activation="int16")
+    _, planned = resolve(sim, sim.config, list(mp.requests))
+    assert isinstance(planned, mixprec.PrecisionView) and not isinstance(planned, mixprec.PrecisionState)
+    place = next(p for p in sim.places() if p.kind is mixprec.PlaceKind.PARAM and p.slot == "weight")
+    assert sim.quantizer_at(place) is not None and sim.describe(place).endswith("weight")
+
+
 def test_sequential_root_keeps_its_forward_length_and_indexing():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
