@@ -32,6 +32,7 @@ def run(*args, cwd, console_script=False):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # subprocess tests: a fresh interpreter importing torch each
 def test_demo_writes_the_reports(tmp_path):
     script = Path(sys.executable).with_name("mixprec")
     result = run("demo", "--out", "out", "--calibrate", "1", cwd=tmp_path, console_script=script.exists())
@@ -51,6 +52,7 @@ def test_demo_writes_the_reports(tmp_path):
     assert "DemoNet: 17 layers" in result.stdout or "17 layers" in result.stdout
 
 
+@pytest.mark.slow
 def test_apply_runs_the_whole_flow(tmp_path):
     (tmp_path / "profile.yaml").write_text(PROFILE)
     args = ["apply", "demo", "--profile", "profile.yaml", "--out", "out", "--calibrate", "1", "--no-export"]
@@ -92,6 +94,7 @@ def test_apply_without_export_support_says_so(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_apply_takes_a_factory_from_the_working_directory(tmp_path):
     (tmp_path / "mymodels.py").write_text(
         "import torch\n\n"
@@ -115,6 +118,7 @@ def test_apply_takes_a_factory_from_the_working_directory(tmp_path):
     assert report["requests"][0]["layers"] == ["a"]
 
 
+@pytest.mark.slow
 def test_inspect_lists_layers(tmp_path, monkeypatch, capsys):
     table = run("inspect", "demo", cwd=tmp_path)
     assert table.returncode == 0, table.stderr
@@ -158,6 +162,7 @@ def write_bad_profiles(folder):
     ],
     ids=["bad-profile", "unknown-model"],
 )
+@pytest.mark.slow
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, fragments):
     write_bad_profiles(tmp_path)
     result = run(*args, cwd=tmp_path)

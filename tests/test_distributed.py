@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 import torch
 
+# Two ranks are spawned for the whole module (about 45 s on 2 cores): slow tests.
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 TIMEOUT_S = 120
 SCHEMES = ["tf", "tf_enhanced", "percentile"]

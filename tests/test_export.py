@@ -137,7 +137,13 @@ def _run(session: ort.InferenceSession, args: tuple) -> list[np.ndarray]:
     return session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
 
 
-@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+# torchvision models take most of this file's time (about a minute on 2 cores): slow tests.
+_PARAMS = [
+    pytest.param(k, marks=pytest.mark.slow) if k.startswith(("resnet", "mobilenet")) else k for k in CASES
+]
+
+
+@pytest.fixture(scope="module", params=_PARAMS, ids=list(CASES))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     make, config, profile = CASES[request.param]
     model, example = make()

@@ -152,6 +152,7 @@ def test_graph_renders_every_layer_in_its_precision_color(chromium, demo_report,
         shutil.copyfile(shot, DOCS_IMG)
 
 
+@pytest.mark.slow
 def test_large_model_starts_collapsed_and_expands(chromium, tmp_path):
     report = big_report(120)
     path = write_html(report, tmp_path / "big.html")

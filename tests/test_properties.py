@@ -392,6 +392,7 @@ def apply_and_check(
 # -- the tests -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about a minute of random models on 2 cores (see docs/testing.md)
 @pytest.mark.timeout(3600)  # the "long" profile runs for minutes
 @given(
     spec=model_specs(),
@@ -424,6 +425,7 @@ def test_random_requests_resolve_consistently(spec, config, output_bw, data) -> 
         apply_and_check(sim, mp, issued, strict, inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3600)
 @given(
     spec=model_specs(max_ops=5),

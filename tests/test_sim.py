@@ -192,7 +192,7 @@ def test_resnet_reused_relu_rows(resnet18_batch):
     assert "layer1.0.add" in names  # out += identity, a functional layer
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "vit_b_16"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("vit_b_16", marks=pytest.mark.slow)])
 def test_torchvision_models_build_calibrate_and_run(name):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -263,6 +263,7 @@ def test_sequential_root_keeps_its_forward_length_and_indexing():
     assert sim.model[-1].param_quantizers["weight"] is not None
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_core_runs_without_optional_dependencies():
     import subprocess
     import sys
