@@ -37,19 +37,53 @@ class QuantScheme(enum.Enum):
 
     ``TF``: min-max. ``TF_ENHANCED`` (default): the range minimizing expected quantization noise
     over a histogram. ``PERCENTILE``: drop the extreme ``100 - p`` percent at each end.
+    ``RANGE_LEARNING_TF`` / ``RANGE_LEARNING_TF_ENHANCED``: calibrated like ``TF`` /
+    ``TF_ENHANCED`` (``calibration_scheme``), then the encodings are trainable (``learnable``).
+
+    The reference's member names are aliases of these members, so AIMET scripts run unchanged
+    (docs/porting_from_aimet.md): ``QuantScheme.post_training_tf_enhanced is
+    QuantScheme.TF_ENHANCED``.
     """
 
     TF = "tf"
     TF_ENHANCED = "tf_enhanced"
     PERCENTILE = "percentile"
+    RANGE_LEARNING_TF = "range_learning_tf"
+    RANGE_LEARNING_TF_ENHANCED = "range_learning_tf_enhanced"
+
+    # The reference's names (aliases: same value, same member).
+    min_max = "tf"
+    post_training_tf = "tf"
+    post_training_tf_enhanced = "tf_enhanced"
+    post_training_percentile = "percentile"
+    training_range_learning_with_tf_init = "range_learning_tf"
+    training_range_learning_with_tf_enhanced_init = "range_learning_tf_enhanced"
+    # The reference leaves the initialization of this one unnamed; min-max is its plainest reading.
+    training_range_learning = "range_learning_tf"
+
+    @property
+    def learnable(self) -> bool:
+        """True for the range-learning schemes: encodings become trainable after calibration."""
+        return self in (QuantScheme.RANGE_LEARNING_TF, QuantScheme.RANGE_LEARNING_TF_ENHANCED)
+
+    @property
+    def calibration_scheme(self) -> QuantScheme:
+        """The post-training scheme that computes the (initial) encodings: ``TF``,
+        ``TF_ENHANCED`` or ``PERCENTILE``."""
+        if self is QuantScheme.RANGE_LEARNING_TF:
+            return QuantScheme.TF
+        if self is QuantScheme.RANGE_LEARNING_TF_ENHANCED:
+            return QuantScheme.TF_ENHANCED
+        return self
 
     @property
     def needs_histogram(self) -> bool:
-        return self is not QuantScheme.TF
+        return self.calibration_scheme is not QuantScheme.TF
 
     @classmethod
     def parse(cls, value: QuantScheme | str) -> QuantScheme:
-        """Accept the enum or a case-insensitive name (also AIMET's ``post_training_tf...``).
+        """Accept the enum, a value or member name, case-insensitive (``"tf"``,
+        ``"post_training_tf_enhanced"``, ``"QuantScheme.min_max"``).
 
         Raises:
             ValueError: the message lists the accepted values.
@@ -57,13 +91,20 @@ class QuantScheme(enum.Enum):
         if isinstance(value, QuantScheme):
             return value
         if isinstance(value, str):
-            key = value.strip().lower()
-            key = key.removeprefix("quantscheme.").removeprefix("post_training_")
+            key = value.strip().lower().removeprefix("quantscheme.")
+            by_name = {name.lower(): member for name, member in cls.__members__.items()}
+            found = by_name.get(key) or by_name.get(key.removeprefix("post_training_"))
+            if found is not None:
+                return found
             for scheme in cls:
-                if key == scheme.value:
+                if key in (scheme.value, scheme.value.removeprefix("post_training_")):
                     return scheme
         accepted = ", ".join(s.value for s in cls)
-        raise ValueError(f"unknown quant scheme {value!r}; accepted (case-insensitive): {accepted}")
+        aliases = ", ".join(name for name in cls.__members__ if name.islower())
+        raise ValueError(
+            f"unknown quant scheme {value!r}; accepted (case-insensitive): {accepted}, "
+            f"or the reference's names {aliases}"
+        )
 
 
 class RangeObserver:
@@ -262,7 +303,7 @@ class RangeObserver:
             CalibrationError: no data reached this quantizer.
             ValueError: ``scheme`` needs a histogram this observer does not keep.
         """
-        scheme = QuantScheme.parse(scheme)
+        scheme = QuantScheme.parse(scheme).calibration_scheme
         if self.num_values == 0 or self.min is None or self.max is None or self.encoding_shape is None:
             raise CalibrationError(
                 f"no data reached {self._where()} during calibration; check that the forward "
