@@ -14,7 +14,7 @@ def full_snapshot(sim: QuantizationSimModel) -> tuple:
             state.append((place, None))
             continue
         enc = None
-        if q.needs_encoding and q.is_initialized:
+        if q.needs_encoding and q.is_initialized():
             e = q.get_encoding()
             enc = tuple(None if t is None else t.tolist() for t in (e.scale, e.offset, e.min, e.max))
         state.append(
@@ -25,7 +25,7 @@ def full_snapshot(sim: QuantizationSimModel) -> tuple:
                 q.precision,
                 q.symmetric,
                 str(q.granularity),
-                q.is_initialized,
+                q.is_initialized(),
                 enc,
             )
         )

@@ -344,7 +344,7 @@ def test_changed_quantizer_keeps_granularity_and_needs_calibration():
     mp.apply(log_file=None)
     q = sim.model.stem.param_quantizers["weight"]
     assert isinstance(q.granularity, mixprec.PerChannel) and q.symmetric
-    assert not q.is_initialized
+    assert not q.is_initialized()
     with pytest.raises(
         mixprec.EncodingNotComputedError, match=r"model input input\[0\]. \(int16\) has no encoding"
     ):

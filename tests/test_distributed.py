@@ -73,7 +73,7 @@ def _forward(batches: list[torch.Tensor], model_override: Any = None) -> Callabl
 def _encodings(sim: Any) -> Encodings:
     out: Encodings = {}
     for _, q in sim.quantizers():
-        if q.needs_encoding and q.is_initialized:
+        if q.needs_encoding and q.is_initialized():
             enc = q.get_encoding()
             out[f"{q.label} {q.precision}"] = (enc.scale, enc.offset)
     return out

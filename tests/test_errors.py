@@ -339,7 +339,7 @@ def test_non_finite_activation_inside_the_model_names_that_layer() -> None:
         match=r"quantizer 'log output 0' observed non-finite values during calibration: \d+ NaN",
     ):
         sim.compute_encodings(lambda m, _: m(torch.randn(64, 4)), None)
-    assert all(not q.is_initialized for _, q in sim.quantizers() if q.needs_encoding)
+    assert all(not q.is_initialized() for _, q in sim.quantizers() if q.needs_encoding)
 
 
 def test_calibration_that_runs_nothing() -> None:

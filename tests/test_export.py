@@ -368,7 +368,7 @@ def test_load_rejects_file_of_other_config_naming_quantizer(tmp_path: Path) -> N
     other = QuantizationSimModel(model, dummy_input=example, config_file=symmetric)
     with pytest.raises(ValueError, match=r"quantizer 'model input input\[0\]'.*symmetric=False"):
         other.load_encodings(result.encodings_path)
-    assert not any(q.is_initialized for _, q in other.quantizers())  # nothing was loaded
+    assert not any(q.is_initialized() for _, q in other.quantizers())  # nothing was loaded
 
 
 @pytest.mark.parametrize("prefix", ["", "sub/m", ".."], ids=["empty", "with-folder", "dotdot"])

@@ -232,7 +232,7 @@ def check_changes_listed(sim: QuantizationSimModel, before: dict, report: dict) 
                 settings = sim.template_at(place).settings
                 assert q.granularity == settings.granularity, label
                 assert q.precision.is_float or q.symmetric == settings.symmetric, label
-                assert not q.needs_encoding or not q.is_initialized, (
+                assert not q.needs_encoding or not q.is_initialized(), (
                     f"{label}: a changed quantizer must need calibration"
                 )
     labels = {sim.describe(p) for p in after}

@@ -138,7 +138,7 @@ def test_non_float_inputs_pass_through() -> None:
 
 def test_uninitialized_forward_names_label() -> None:
     q = IntQuantizer(8, label="features.0.0 output 0")
-    assert not q.is_initialized
+    assert not q.is_initialized()
     with pytest.raises(EncodingNotComputedError, match=r"'features.0.0 output 0'.*sim.compute_encodings"):
         q(torch.randn(3))
 
@@ -148,7 +148,7 @@ def test_end_calibration_without_data() -> None:
     q.begin_calibration("tf_enhanced")
     with pytest.raises(CalibrationError, match=r"no data reached quantizer 'head output 0'"):
         q.end_calibration()
-    assert not q.is_calibrating and not q.is_initialized
+    assert not q.is_calibrating and not q.is_initialized()
 
 
 def test_nan_during_calibration() -> None:
@@ -229,7 +229,7 @@ def test_set_encoding_validates(change: dict, match: str) -> None:
     )
     with pytest.raises(ValueError, match=match):
         q.set_encoding(Encoding(**{**good, **change}))  # type: ignore[arg-type]
-    assert not q.is_initialized
+    assert not q.is_initialized()
 
 
 def test_set_range_validates() -> None:
@@ -243,7 +243,7 @@ def test_set_range_validates() -> None:
 def test_reset_encoding() -> None:
     q = calibrated(IntQuantizer(8), torch.randn(10))
     q.reset_encoding()
-    assert not q.is_initialized
+    assert not q.is_initialized()
     with pytest.raises(EncodingNotComputedError):
         q.get_encoding()
 
@@ -254,19 +254,19 @@ def test_state_dict_into_fresh_quantizer_and_copies() -> None:
     q.calibrate_tensor(x, "tf_enhanced")
     fresh = IntQuantizer(6, True, PerChannel(0))
     fresh.load_state_dict(q.state_dict())
-    assert fresh.is_initialized and torch.equal(fresh(x), q(x))
+    assert fresh.is_initialized() and torch.equal(fresh(x), q(x))
     assert torch.equal(copy.deepcopy(q)(x), q(x))
     doubled = copy.deepcopy(q).double()  # cached values follow buffer conversions
     assert torch.equal(doubled(x.double()).float(), q(x))
     fresh.load_state_dict(IntQuantizer(6, True, PerChannel(0)).state_dict())
-    assert not fresh.is_initialized
+    assert not fresh.is_initialized()
 
 
 def test_state_dict_with_bad_scale_is_rejected() -> None:
     q = IntQuantizer(8)
     with pytest.raises(RuntimeError, match="finite and > 0"):
         q.load_state_dict({"scale": torch.tensor(-1.0), "offset": torch.tensor(0)})
-    assert not q.is_initialized
+    assert not q.is_initialized()
 
 
 def test_extra_repr() -> None:
@@ -308,7 +308,7 @@ def test_qat_step_changes_weight() -> None:
 @pytest.mark.parametrize("precision", [FP16, BF16], ids=str)
 def test_half_float_quantizers_need_no_encoding(precision: object) -> None:
     q = FloatQuantizer(precision)  # type: ignore[arg-type]
-    assert not q.needs_encoding and q.is_initialized
+    assert not q.needs_encoding and q.is_initialized()
     x = torch.randn(100) * 1000
     assert torch.equal(q(x), x.to(precision.torch_dtype).float())  # type: ignore[attr-defined]
     calibrated(q, x)
@@ -342,7 +342,7 @@ def test_make_quantizer() -> None:
     assert isinstance(q, IntQuantizer) and q.symmetric and q.label == "w"
     assert q.granularity == PerChannel(0) and q.precision == INT8
     f = make_quantizer("bf16", symmetric=False)
-    assert isinstance(f, FloatQuantizer) and f.is_initialized and f.symmetric
+    assert isinstance(f, FloatQuantizer) and f.is_initialized() and f.symmetric
     assert make_quantizer("fp8", symmetric=True).needs_encoding
     with pytest.raises(ValueError, match="fp32 means no quantizer"):
         make_quantizer("fp32", symmetric=True)

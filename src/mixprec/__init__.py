@@ -4,6 +4,7 @@ No model preparation: functional calls (``x + y``, ``torch.matmul``, ``F.softmax
 layers of the captured graph and are quantized as they are.
 """
 
+from mixprec.checkpoint import load_checkpoint, save_checkpoint
 from mixprec.config.rules import KernelSpec, SimConfig, load_config
 from mixprec.core.granularity import PerBlock, PerChannel, PerTensor
 from mixprec.core.param_spec import ParamSpec
@@ -17,7 +18,9 @@ from mixprec.errors import (
     MixprecError,
     PrecisionConflictError,
     ProfileError,
+    QuantizerSettingError,
     RequestError,
+    UnsupportedArgumentError,
     UnsupportedKernelError,
 )
 from mixprec.mixed.configurator import MixedPrecisionConfigurator
@@ -44,6 +47,8 @@ __all__ = [
     "PlaceKind",
     "PrecisionState",
     "PrecisionView",
+    "save_checkpoint",
+    "load_checkpoint",
     # precisions and quantizers
     "Precision",
     "PerTensor",
@@ -69,6 +74,8 @@ __all__ = [
     "PrecisionConflictError",
     "UnsupportedKernelError",
     "ExportError",
+    "UnsupportedArgumentError",
+    "QuantizerSettingError",
 ]
 
 __version__ = "0.1.0"

@@ -41,3 +41,11 @@ class ExportError(MixprecError, RuntimeError):
 
 class ProfileError(MixprecError, ValueError):
     """A profile file (YAML/JSON list of requests) is malformed or names what the model lacks."""
+
+
+class UnsupportedArgumentError(MixprecError, TypeError):
+    """An argument of the reference's API that has no meaning here; the message names the alternative."""
+
+
+class QuantizerSettingError(MixprecError, ValueError):
+    """A quantizer attribute (``bitwidth``, ``data_type``, ``symmetric``, ...) got a value it cannot take."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,9 +20,15 @@ from mixprec.capture.graph import Graph, Layer
 from mixprec.capture.recorder import capture, split_dummy_input
 from mixprec.config.rules import SimConfig, load_config
 from mixprec.core.granularity import Granularity
-from mixprec.core.precision import NumberKind, Precision, name_of
+from mixprec.core.precision import NumberKind, Precision, QuantizationDataType, name_of
 from mixprec.quant.observers import QuantScheme
 from mixprec.quant.quantizers import QuantizerBase, make_quantizer
+from mixprec.sim.aimet_api import (
+    NOT_GIVEN,
+    ReferenceSimAPI,
+    check_constructor_kwargs,
+    one_or_two_argument_callback,
+)
 from mixprec.sim.calibration import calibrate
 from mixprec.sim.effective import effective_input_precisions
 from mixprec.sim.placement import (
@@ -45,26 +50,7 @@ from mixprec.sim.runtime import (
 )
 
 
-class QuantizationDataType(enum.Enum):
-    """The reference's ``default_data_type``: integer or float quantization."""
-
-    int = "int"
-    float = "float"
-
-    @staticmethod
-    def parse(value: Any) -> QuantizationDataType:
-        if isinstance(value, QuantizationDataType):
-            return value
-        if value is int or value is float:
-            return QuantizationDataType(value.__name__)
-        if isinstance(value, str) and value.lower() in ("int", "float"):
-            return QuantizationDataType(value.lower())
-        raise ValueError(
-            f"default_data_type must be QuantizationDataType.int/.float, int, float, 'int' or 'float'; got {value!r}"
-        )
-
-
-class QuantizationSimModel:
+class QuantizationSimModel(ReferenceSimAPI):
     """Simulates quantization of ``model``: quantizers at every layer output, input and param
     the config asks for, including functional calls (``x + y``, ``torch.matmul``), with no
     model preparation.
@@ -72,13 +58,16 @@ class QuantizationSimModel:
     Args:
         model: the float model. It is deep-copied unless ``in_place=True``.
         dummy_input: one tensor, a tuple of positional inputs, or a dict of keyword inputs.
-        quant_scheme: ``"tf"`` (min-max), ``"tf_enhanced"`` (noise-minimizing range search) or
-            ``"percentile"``.
+        quant_scheme: ``"tf"`` (min-max), ``"tf_enhanced"`` (noise-minimizing range search),
+            ``"percentile"``, or a ``QuantScheme`` (also the reference's names, e.g.
+            ``QuantScheme.post_training_tf_enhanced``); None means ``"tf_enhanced"``.
         default_output_bw: bitwidth of activation quantizers.
         default_param_bw: bitwidth of parameter quantizers.
-        default_data_type: ``QuantizationDataType.int`` or ``.float`` (16 -> fp16, 8 -> fp8).
-        config_file: a quantsim-config JSON path, a bundled preset name, a dict, or None (default preset).
         in_place: quantize ``model`` itself instead of a copy.
+        config_file: a quantsim-config JSON path, a bundled preset name, a dict, or None (default preset).
+        default_data_type: ``QuantizationDataType.int`` or ``.float`` (16 -> fp16, 8 -> fp8).
+        **reference_kwargs: the reference's ``rounding_mode`` (``"nearest"`` only); anything
+            else raises ``UnsupportedArgumentError``. The positional order is the reference's.
 
     Example:
         >>> sim = QuantizationSimModel(model, dummy_input=torch.randn(1, 3, 224, 224))
@@ -90,13 +79,17 @@ class QuantizationSimModel:
         self,
         model: nn.Module,
         dummy_input: Any,
-        quant_scheme: str | QuantScheme = "tf_enhanced",
+        quant_scheme: str | QuantScheme | None = "tf_enhanced",
         default_output_bw: int = 8,
         default_param_bw: int = 8,
-        default_data_type: Any = QuantizationDataType.int,
-        config_file: Any = None,
         in_place: bool = False,
+        config_file: Any = None,
+        default_data_type: Any = QuantizationDataType.int,
+        **reference_kwargs: Any,
     ) -> None:
+        check_constructor_kwargs(reference_kwargs)
+        if quant_scheme is None:
+            quant_scheme = QuantScheme.TF_ENHANCED
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         kind = NumberKind(QuantizationDataType.parse(default_data_type).value)
@@ -206,6 +199,9 @@ class QuantizationSimModel:
             strict_symmetric=s.strict_symmetric,
             label=label,
         )
+        percentile = getattr(self, "_percentile_value", None)  # set_percentile_value
+        if percentile is not None:
+            q.set_percentile(percentile)
         device = _model_device(self.model)
         return q if device is None else q.to(device)
 
@@ -331,9 +327,12 @@ class QuantizationSimModel:
 
     # calibration ------------------------------------------------------------------------
     def compute_encodings(
-        self, forward_pass_callback: Callable[[nn.Module, Any], Any], forward_pass_callback_args: Any = None
+        self, forward_pass_callback: Callable[..., Any], forward_pass_callback_args: Any = NOT_GIVEN
     ) -> None:
         """Run ``forward_pass_callback(sim.model, forward_pass_callback_args)`` and set every encoding.
+
+        Without ``forward_pass_callback_args`` the callback is called as ``callback(sim.model)``
+        (a callback taking two arguments gets ``None`` as the second), as in the reference.
 
         While the callback runs, every quantizer passes values through unchanged and records
         statistics of the float values it sees (one pass calibrates all quantizers, and a
@@ -341,23 +340,65 @@ class QuantizationSimModel:
         encodings come from the parameters themselves. If anything fails (no data reached a
         quantizer, NaN/inf), every encoding is left as it was before the call.
         """
-        calibrate(self, forward_pass_callback, forward_pass_callback_args)
+        callback, args = one_or_two_argument_callback(forward_pass_callback, forward_pass_callback_args)
+        calibrate(self, callback, args)
 
     # export -----------------------------------------------------------------------------
     def export(
-        self, path: str, filename_prefix: str, dummy_input: Any = None, onnx_opset: int | None = None
+        self,
+        path: str,
+        filename_prefix: str,
+        dummy_input: Any = None,
+        onnx_export_args: Any = None,
+        propagate_encodings: bool = False,
+        *,
+        onnx_opset: int | None = None,
+        **reference_kwargs: Any,
     ) -> Any:
-        """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``."""
+        """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``.
+
+        ``onnx_export_args`` (dict or object with ``opset_version``, ``input_names``,
+        ``output_names``), ``propagate_encodings`` and the reference's ``export_to_torchscript``,
+        ``use_embedded_encodings``, ``export_model`` and ``filename_prefix_encodings`` are
+        accepted as docs/porting_from_aimet.md describes.
+        """
         # Imported on use: export needs the optional onnx packages (mixprec[export]).
-        from mixprec.export.exporter import export_sim
+        from mixprec.export.reference_args import export_reference
 
-        return export_sim(self, path, filename_prefix, dummy_input, onnx_opset)
+        return export_reference(
+            self,
+            path,
+            filename_prefix,
+            dummy_input,
+            onnx_export_args,
+            propagate_encodings,
+            onnx_opset,
+            reference_kwargs,
+        )
 
-    def load_encodings(self, path: str) -> None:
-        """Load an ``.encodings`` file written by :meth:`export` into this sim's quantizers."""
-        from mixprec.export.exporter import load_encodings
+    def load_encodings(
+        self,
+        encodings: Any,
+        strict: bool = True,
+        partial: bool = True,
+        requires_grad: bool | None = None,
+        allow_overwrite: bool | None = True,
+    ) -> None:
+        """Load an ``.encodings`` file written by :meth:`export` (or its parsed dict).
 
-        load_encodings(self, path)
+        ``strict``, ``partial``, ``requires_grad`` and ``allow_overwrite`` have the reference's
+        meaning (see ``mixprec.export.loading.load_encodings_into``). A refused load changes nothing.
+        """
+        from mixprec.export.loading import load_encodings_into
+
+        load_encodings_into(
+            self,
+            encodings,
+            strict=strict,
+            partial=partial,
+            requires_grad=requires_grad,
+            allow_overwrite=allow_overwrite,
+        )
 
     # introspection ----------------------------------------------------------------------
     def precision_table(self) -> list[dict[str, Any]]:

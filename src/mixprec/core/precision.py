@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -152,3 +153,22 @@ def parse_optional(value: PrecisionLike | None) -> Precision | None:
 def name_of(precision: Precision | None) -> str | None:
     """The precision's name, or None for no precision (tables and reports write None as null)."""
     return None if precision is None else precision.name
+
+
+class QuantizationDataType(enum.Enum):
+    """The reference's ``default_data_type``: integer or float quantization."""
+
+    int = "int"
+    float = "float"
+
+    @staticmethod
+    def parse(value: Any) -> QuantizationDataType:
+        if isinstance(value, QuantizationDataType):
+            return value
+        if value is int or value is float:
+            return QuantizationDataType(value.__name__)
+        if isinstance(value, str) and value.lower() in ("int", "float"):
+            return QuantizationDataType(value.lower())
+        raise ValueError(
+            f"data type must be QuantizationDataType.int/.float, int, float, 'int' or 'float'; got {value!r}"
+        )

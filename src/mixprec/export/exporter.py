@@ -39,7 +39,8 @@ from torch.utils import _pytree as pytree
 from mixprec.capture.recorder import split_dummy_input
 from mixprec.errors import ExportError
 from mixprec.export.coverage import check_coverage, keys_by_quantizer
-from mixprec.export.encodings import Row, build_encodings, read_encodings
+from mixprec.export.encodings import Row, build_encodings
+from mixprec.export.loading import load_encodings_into
 from mixprec.export.onnx_graph import rename_io, strip_markers
 from mixprec.export.qdq import QdqSpec, insert_qdq
 from mixprec.export.trace import export_with_markers
@@ -100,6 +101,9 @@ def export_sim(
     filename_prefix: str,
     dummy_input: Any = None,
     onnx_opset: int | None = None,
+    *,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
 ) -> ExportResult:
     """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``.
 
@@ -112,6 +116,8 @@ def export_sim(
             tensors of the shapes captured when the sim was built (float inputs only).
         onnx_opset: ONNX opset, 18 or later; default 21 (below 21, int4 is written as int8 with a clip
             and int16, int32 and per-block quantizers as float ops; fp8 needs 19).
+        input_names / output_names: names of the ONNX graph's inputs/outputs (one per model
+            input/output); default: the model's I/O paths.
 
     Returns:
         An :class:`ExportResult`; its one-line summary is also printed.
@@ -145,7 +151,11 @@ def export_sim(
         raise ExportError(f"could not export {type(sim.model).__name__} to ONNX: {exc}") from exc
     for note in traced.notes:
         warnings.warn(note, stacklevel=3)
-    rename_io(traced.model.graph, [io.path for io in sim.graph.inputs], [io.path for io in sim.graph.outputs])
+    rename_io(
+        traced.model.graph,
+        _io_names("input_names", input_names, [io.path for io in sim.graph.inputs]),
+        _io_names("output_names", output_names, [io.path for io in sim.graph.outputs]),
+    )
     try:
         float_model, sites = strip_markers(traced.model)
     except ValueError as exc:
@@ -217,21 +227,7 @@ def load_encodings(sim: PrecisionState, path: str | os.PathLike) -> None:
             message names the quantizer). The sim is unchanged then.
         OSError: the file cannot be read.
     """
-    source = str(path)
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{source} is not JSON: {exc}") from None
-    for item in read_encodings(sim, data, source):
-        current = sim.quantizer_at(item.place)
-        if item.precision is None:
-            if current is not None:
-                sim.set_precision_at(item.place, None)
-            continue
-        enc = item.encoding
-        if current is None or current.precision != item.precision or current.granularity != enc.granularity:  # type: ignore[union-attr]
-            sim.set_precision_at(item.place, item.precision, enc.granularity)  # type: ignore[union-attr]
-        sim.quantizer_at(item.place).set_encoding(item.encoding)  # type: ignore[union-attr]
+    load_encodings_into(sim, path)
 
 
 # ----------------------------------------------------------------------------- checks before export
@@ -251,7 +247,7 @@ def _check_target(folder: Path, prefix: str) -> Path:
 
 
 def _check_encodings(entries: list[tuple[Place, QuantizerBase]]) -> None:
-    missing = [q.label for _, q in entries if q.needs_encoding and not q.is_initialized]
+    missing = [q.label for _, q in entries if q.needs_encoding and not q.is_initialized()]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -273,6 +269,15 @@ def _default_dummy_input(sim: PrecisionState) -> tuple[tuple, dict]:
     leaves = [torch.randn(sim.graph.tensors[io.tensor].shape, **kw) for io in inputs]
     args, kwargs = pytree.tree_unflatten(leaves, spec)
     return tuple(args), dict(kwargs)
+
+
+def _io_names(arg: str, names: list[str] | None, paths: list[str]) -> list[str]:
+    if names is None:
+        return paths
+    names = list(names)
+    if len(names) != len(paths) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{arg} must list {len(paths)} non-empty names (the model's {paths}), got {names!r}")
+    return names
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

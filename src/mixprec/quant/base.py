@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from mixprec.core.granularity import Granularity, PerChannel, PerTensor
-from mixprec.core.precision import Precision
+from mixprec.core.precision import Precision, PrecisionLike
 from mixprec.errors import EncodingNotComputedError
 from mixprec.quant.observers import QuantScheme, RangeObserver, num_bins_for_tensor
+from mixprec.quant.quantizer_api import ReferenceQuantizerAPI
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +50,7 @@ def _expected_rank(granularity: Granularity) -> int:
     return 0 if isinstance(granularity, PerTensor) else 1 if isinstance(granularity, PerChannel) else 2
 
 
-class QuantizerBase(nn.Module):
+class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
     """Common state and calibration protocol of all quantizers.
 
     Attributes:
@@ -77,23 +78,20 @@ class QuantizerBase(nn.Module):
     def precision(self) -> Precision:
         return self._precision
 
+    @precision.setter
+    def precision(self, value: PrecisionLike) -> None:
+        """Change the precision in place (every holder of this quantizer sees it); a calibrated
+        range is kept where both precisions have one, else calibrate again."""
+        self._set_precision(Precision.parse(value))
+
     @property
     def granularity(self) -> Granularity:
         return self._granularity
 
     @property
-    def symmetric(self) -> bool:
-        return self._symmetric
-
-    @property
     def needs_encoding(self) -> bool:
         """False where forward needs no calibrated values (fp16/bf16 casts)."""
         return True
-
-    @property
-    def is_initialized(self) -> bool:
-        """True when forward can quantize (always for fp16/bf16)."""
-        return self._ready
 
     @property
     def is_calibrating(self) -> bool:

@@ -55,7 +55,6 @@ class IntQuantizer(QuantizerBase):
         if isinstance(granularity, PerBlock) and not symmetric:
             raise ValueError(f"{granularity} quantization is symmetric only; pass symmetric=True")
         super().__init__(INT_PRECISIONS[bitwidth], granularity, symmetric, label)
-        self.bitwidth = bitwidth
         self.unsigned_symmetric = unsigned_symmetric
         self.strict_symmetric = strict_symmetric
         self.register_buffer("offset", torch.empty(0, dtype=torch.int64))
@@ -75,6 +74,7 @@ class IntQuantizer(QuantizerBase):
             self._symmetric,
             unsigned_symmetric=self.unsigned_symmetric,
             strict_symmetric=self.strict_symmetric,
+            percentile=self._percentile,
         )
         self.set_range(mn, mx)
 
@@ -258,4 +258,6 @@ def make_quantizer(
         return IntQuantizer(
             precision.bits, symmetric, granularity, unsigned_symmetric, strict_symmetric, label=label
         )
-    return FloatQuantizer(precision, granularity, label=label)
+    q = FloatQuantizer(precision, granularity, label=label)
+    q._int_settings = (symmetric, unsigned_symmetric, strict_symmetric)  # for a later change to int
+    return q

@@ -19,16 +19,20 @@ def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], ar
     if not callable(callback):
         raise TypeError(f"forward_pass_callback must be callable as callback(model, args), got {callback!r}")
     entries = list(sim.quantizers())
-    saved = [(q, q.get_encoding() if q.needs_encoding and q.is_initialized else None) for _, q in entries]
+    saved = [(q, q.get_encoding() if q.needs_encoding and q.is_initialized() else None) for _, q in entries]
     for place, q in entries:
         # Parameter encodings come from the parameters themselves: no need to observe them per batch.
-        q.begin_calibration(sim.quant_scheme, collect=place.kind is not PlaceKind.PARAM)
+        # Frozen encodings (allow_overwrite(False)) only pass values through and stay as they are.
+        collect = place.kind is not PlaceKind.PARAM and q.is_overwrite_allowed()
+        q.begin_calibration(sim.quant_scheme, collect=collect)
     try:
         with torch.no_grad():
             # under torch.distributed this also combines the statistics of every rank
             run_calibration_pass(sim, entries, callback, args)
         for place, q in entries:
-            if place.kind is PlaceKind.PARAM:
+            if not q.is_overwrite_allowed():
+                q.abort_calibration()
+            elif place.kind is PlaceKind.PARAM:
                 q.calibrate_tensor(sim.param_tensor(place).detach(), sim.quant_scheme)
             else:
                 q.end_calibration()
