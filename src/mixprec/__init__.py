@@ -5,6 +5,7 @@ layers of the captured graph and are quantized as they are.
 """
 
 from mixprec.checkpoint import load_checkpoint, save_checkpoint
+from mixprec.config.paths import get_path_for_per_channel_config
 from mixprec.config.rules import KernelSpec, SimConfig, load_config
 from mixprec.core.granularity import PerBlock, PerChannel, PerTensor
 from mixprec.core.param_spec import ParamSpec
@@ -41,6 +42,7 @@ __all__ = [
     "SimConfig",
     "KernelSpec",
     "load_config",
+    "get_path_for_per_channel_config",
     "forward_batches",
     # quantizer places and the sim's state, as its collaborators see it
     "Place",

@@ -92,7 +92,10 @@ class QuantizationSimModel(ReferenceSimAPI):
             quant_scheme = QuantScheme.TF_ENHANCED
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        kind = NumberKind(QuantizationDataType.parse(default_data_type).value)
+        try:
+            kind = NumberKind(QuantizationDataType.parse(default_data_type).value)
+        except ValueError as exc:
+            raise ValueError(f"default_data_type: {exc}") from None
         self.activation_precision = _default_precision("default_output_bw", default_output_bw, kind)
         self.param_precision = _default_precision("default_param_bw", default_param_bw, kind)
         self.quant_scheme = QuantScheme.parse(quant_scheme)
