@@ -1,3 +1,4 @@
+# ruff: noqa: B007, I001  (the scripts keep their unused loop variables and import blocks)
 """aimet-torch 2.x scripts, ported line by line: only the imports changed (each block says from
 what), so these tests fail when a ported script would. The user-side parts the scripts assume
 (a model, a data loader, an evaluate function) are the tiny ones of ``_user_setup``.

@@ -3,7 +3,6 @@ in one file, as the reference's functions of the same names do (it pickles the s
 
 from __future__ import annotations
 
-import copyreg
 import marshal
 import os
 import pickle
@@ -13,17 +12,30 @@ import torch
 
 from mixprec.errors import MixprecError
 from mixprec.quantsim import QuantizationSimModel
+from mixprec.sim.runtime import QuantizedLeaf, QuantizedRoot, quantized_class
 
 
-def _reduce_code(code: types.CodeType) -> tuple:
-    return marshal.loads, (marshal.dumps(code),)
+def _rebuild_quantized_class(cls: type, leaf: bool, root: bool) -> type:
+    return quantized_class(cls, leaf=leaf, root=root)
 
 
 class _Pickler(pickle.Pickler):
-    # The sim keys functional call sites by code object (mixprec.capture.callsite). marshal
-    # round-trips them to equal, equally hashed code objects, so the keys match the live
-    # code after loading (same Python version and source).
-    dispatch_table = {**copyreg.dispatch_table, types.CodeType: _reduce_code}
+    """Pickle with two additions, so a checkpoint loads in a new process:
+
+    * the sim's classes made at run time (``QuantizedSmallCNN``, mixprec.sim.runtime) are saved
+      as the recipe that makes them again;
+    * functional call sites are keyed by code object (mixprec.capture.callsite); marshal
+      round-trips them to equal, equally hashed code objects, so the keys match the live code
+      after loading (same Python version and model source).
+    """
+
+    def reducer_override(self, obj: object) -> object:
+        if isinstance(obj, type) and "_mixprec_original_class" in obj.__dict__:
+            leaf, root = issubclass(obj, QuantizedLeaf), issubclass(obj, QuantizedRoot)
+            return _rebuild_quantized_class, (obj.__dict__["_mixprec_original_class"], leaf, root)
+        if isinstance(obj, types.CodeType):
+            return marshal.loads, (marshal.dumps(obj),)
+        return NotImplemented
 
 
 # what torch.save(pickle_module=...) needs: pickle with the code reducer
