@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plan",),  # mixed-precision requests, targets, resolution
     ("report",),  # the report of a plan, text and HTML
     ("quantsim",),  # QuantizationSimModel: the composition root of the engine
-    ("mixed",),  # MixedPrecisionConfigurator and profiles
+    ("mixed", "checkpoint"),  # MixedPrecisionConfigurator and profiles; save/load_checkpoint
     ("cli", "demo", "__init__", "__main__"),  # entry points and the public API
 )
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -18,7 +18,7 @@ from mixprec.export.encodings import read_encodings
 from mixprec.sim.placement import PlaceKind
 
 if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+    from mixprec.sim.state import PrecisionState
 
 
 def _document(encodings: Mapping | str | os.PathLike) -> tuple[dict[str, Any], str]:
@@ -31,7 +31,7 @@ def _document(encodings: Mapping | str | os.PathLike) -> tuple[dict[str, Any], s
         raise ValueError(f"{source} is not JSON: {exc}") from None
 
 
-def _known(sim: QuantizationSimModel, item: Any) -> bool:
+def _known(sim: PrecisionState, item: Any) -> bool:
     """Whether the file's quantizer entry names a place this sim has (for ``strict=False``)."""
     if not isinstance(item, dict):
         return True  # let read_encodings report the malformed entry
@@ -46,14 +46,13 @@ def _known(sim: QuantizationSimModel, item: Any) -> bool:
 
 
 def load_encodings_into(
-    sim: QuantizationSimModel,
+    sim: PrecisionState,
     encodings: Mapping | str | os.PathLike,
     *,
     strict: bool = True,
     partial: bool = True,
     requires_grad: bool | None = None,
     allow_overwrite: bool | None = True,
-    params_only: bool = False,
 ) -> None:
     """Load a mixprec ``.encodings`` file (or its parsed dict) into ``sim``.
 
@@ -66,7 +65,6 @@ def load_encodings_into(
             range-learning ``quant_scheme``); None: unchanged.
         allow_overwrite: False freezes the loaded encodings against ``compute_encodings`` and
             later loads; None leaves each quantizer's flag as it is.
-        params_only: load only parameter encodings (``set_and_freeze_param_encodings``).
 
     Raises:
         ValueError: the file does not fit this sim (read_encodings names the quantizer).
@@ -76,12 +74,7 @@ def load_encodings_into(
     data, source = _document(encodings)
     section = data.get("mixprec")
     if isinstance(section, dict) and isinstance(section.get("quantizers"), list):
-        kept = [
-            item
-            for item in section["quantizers"]
-            if (strict or _known(sim, item))
-            and (not params_only or (isinstance(item, dict) and item.get("kind") == PlaceKind.PARAM.value))
-        ]
+        kept = [item for item in section["quantizers"] if (strict or _known(sim, item))]
         data = {**data, "mixprec": {**section, "quantizers": kept}}
     items = read_encodings(sim, data, source)
 
@@ -124,9 +117,5 @@ def load_encodings_into(
     if not partial:
         named = {item.place for item in items}
         for place in list(sim.places()):
-            if (
-                place not in named
-                and sim.quantizer_at(place) is not None
-                and not (params_only and place.kind is not PlaceKind.PARAM)
-            ):
+            if place not in named and sim.quantizer_at(place) is not None:
                 sim.set_precision_at(place, None)

@@ -15,7 +15,7 @@ from mixprec.errors import UnsupportedArgumentError
 from mixprec.export.exporter import ExportResult, export_sim
 
 if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
+    from mixprec.sim.state import PrecisionState
 
 
 # torch.onnx.export options with no effect on what mixprec writes (constants are folded and
@@ -48,7 +48,7 @@ def _as_dict(onnx_export_args: Any) -> dict[str, Any]:
 
 
 def export_reference(
-    sim: QuantizationSimModel,
+    sim: PrecisionState,
     path: str | os.PathLike,
     filename_prefix: str,
     dummy_input: Any,

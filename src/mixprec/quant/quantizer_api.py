@@ -8,16 +8,14 @@ Kept apart from the quantizer classes (``QuantizerBase`` inherits it) so the num
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from mixprec.core.granularity import PerBlock
 from mixprec.core.precision import INT_PRECISIONS, NumberKind, Precision, QuantizationDataType
 from mixprec.errors import QuantizerSettingError
-
-if TYPE_CHECKING:
-    from mixprec.quant.quantizers import Encoding
 
 # torch.nn.Module.__dict__ entries that belong to the object, not to its quantizer type: they
 # survive a change of type (int <-> float) made by ``precision``/``data_type`` setters.
@@ -72,6 +70,8 @@ class ReferenceQuantizerAPI:
 
     _allow_overwrite: bool = True
     _percentile: float = 99.99
+    # mixprec.quant.quantizers.make_quantizer, set by that module: this one sits below it
+    _factory: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -101,12 +101,12 @@ class ReferenceQuantizerAPI:
 
     # ------------------------------------------------------------------ the reference's getters
 
-    def _encoding_or_none(self) -> Encoding | None:
+    def _encoding_or_none(self) -> Any:
         if not self._ready or not self.needs_encoding:  # type: ignore[attr-defined]
             return None
         return self.get_encoding()  # type: ignore[attr-defined]
 
-    def get_encodings(self) -> Encoding | None:
+    def get_encodings(self) -> Any:
         """The encoding, or None before calibration (the reference's ``get_encodings``).
 
         Its ``offset`` follows the ``.encodings`` file convention (``min = offset*scale``);
@@ -246,21 +246,23 @@ class ReferenceQuantizerAPI:
     def _retype(self, precision: Precision) -> None:
         """Turn this object into a fresh quantizer of ``precision`` (its type may change between
         IntQuantizer and FloatQuantizer) so every holder of it sees the new precision."""
-        from mixprec.quant.quantizers import make_quantizer  # the quantizer classes import this module
-
         symmetric, unsigned, strict = getattr(self, "_int_settings", None) or (
             self._symmetric,  # type: ignore[attr-defined]
             getattr(self, "unsigned_symmetric", True),
             getattr(self, "strict_symmetric", False),
         )
-        fresh = make_quantizer(
-            precision,
-            symmetric=symmetric,
-            granularity=self._granularity,  # type: ignore[attr-defined]
-            unsigned_symmetric=unsigned,
-            strict_symmetric=strict,
-            label=self.label,  # type: ignore[attr-defined]
-        ).to(self.scale.device)  # type: ignore[attr-defined]
+        fresh = (
+            type(self)
+            ._factory(  # type: ignore[misc]
+                precision,
+                symmetric=symmetric,
+                granularity=self._granularity,  # type: ignore[attr-defined]
+                unsigned_symmetric=unsigned,
+                strict_symmetric=strict,
+                label=self.label,  # type: ignore[attr-defined]
+            )
+            .to(self.scale.device)
+        )  # type: ignore[attr-defined]
         kept = {k: self.__dict__[k] for k in _KEEP_ON_RETYPE if k in self.__dict__}
         kept.setdefault("_int_settings", (symmetric, unsigned, strict))
         self.__dict__.clear()

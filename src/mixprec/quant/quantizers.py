@@ -261,3 +261,7 @@ def make_quantizer(
     q = FloatQuantizer(precision, granularity, label=label)
     q._int_settings = (symmetric, unsigned_symmetric, strict_symmetric)  # for a later change to int
     return q
+
+
+# the bitwidth/data_type setters of QuantizerBase (quant/quantizer_api.py) build through this
+QuantizerBase._factory = staticmethod(make_quantizer)

@@ -9,10 +9,12 @@ reference's ``<module>.input_quantizers.<i>`` / ``.output_quantizers.<i>`` /
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -20,9 +22,6 @@ from mixprec.errors import RequestError, UnsupportedArgumentError
 from mixprec.quant.quantizers import QuantizerBase
 from mixprec.sim.placement import Place, PlaceKind
 from mixprec.sim.runtime import param_key
-
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class ReferenceSimAPI:
 
     # ------------------------------------------------------------------ modules and quantizers
 
-    def named_qmodules(self: QuantizationSimModel) -> Iterator[tuple[str, nn.Module]]:
+    def named_qmodules(self) -> Iterator[tuple[str, nn.Module]]:
         """``(name, module)`` of every quantized layer, in graph order: modules of ``sim.model``
         (with ``input_quantizers``, ``output_quantizers``, ``param_quantizers``), and functional
         calls (``x + y``) as ``mixprec_functional.<layer>`` holders of the same three lists."""
@@ -90,17 +89,17 @@ class ReferenceSimAPI:
             seen.add(name)
             yield name, self.model.get_submodule(name) if name else self.model
 
-    def qmodules(self: QuantizationSimModel) -> Iterator[nn.Module]:
+    def qmodules(self) -> Iterator[nn.Module]:
         """The modules of ``named_qmodules``."""
         for _, module in self.named_qmodules():
             yield module
 
-    def named_quantizers(self: QuantizationSimModel) -> Iterator[tuple[str, QuantizerBase]]:
+    def named_quantizers(self) -> Iterator[tuple[str, QuantizerBase]]:
         """``(name, quantizer)`` of every quantizer once; ``sim.model.get_submodule(name)`` is it."""
         for place, q in self.quantizers():
             yield self.quantizer_name(place), q
 
-    def quantizer_name(self: QuantizationSimModel, place: Place) -> str:
+    def quantizer_name(self, place: Place) -> str:
         """The name of the quantizer slot at ``place`` under ``sim.model``."""
         if place.kind is PlaceKind.MODEL_INPUT:
             return f"mixprec_input_quantizers.{place.slot}"
@@ -119,9 +118,7 @@ class ReferenceSimAPI:
 
     # ------------------------------------------------------------------ excluding
 
-    def exclude_layers_from_quantization(
-        self: QuantizationSimModel, layers_to_exclude: Iterable[Any]
-    ) -> None:
+    def exclude_layers_from_quantization(self, layers_to_exclude: Iterable[Any]) -> None:
         """Remove every quantizer (inputs, outputs, params) of the given modules of ``sim.model``
         and of the layers inside them (layer names are accepted too)."""
         prefixes = []
@@ -149,7 +146,7 @@ class ReferenceSimAPI:
         self._excluded_layer_names = [*getattr(self, "_excluded_layer_names", []), *prefixes]
         logger.info("excluded %d quantizer places of %s from quantization", len(doomed), prefixes)
 
-    def exclude_param_from_quantization(self: QuantizationSimModel, param_name_to_exclude: str) -> None:
+    def exclude_param_from_quantization(self, param_name_to_exclude: str) -> None:
         """Remove the quantizer of every parameter called ``param_name_to_exclude`` (e.g. ``"bias"``)."""
         for place in list(self.places()):
             if place.kind is PlaceKind.PARAM and place.slot == param_name_to_exclude:
@@ -157,14 +154,14 @@ class ReferenceSimAPI:
 
     # ------------------------------------------------------------------ settings
 
-    def set_percentile_value(self: QuantizationSimModel, percentile_value: float) -> None:
+    def set_percentile_value(self, percentile_value: float) -> None:
         """The percentile ``QuantScheme.post_training_percentile`` keeps (in (50, 100]);
         used by the next ``compute_encodings``, also for quantizers created later."""
         for _, q in self.quantizers():
             q.set_percentile(percentile_value)  # validates before anything changes: first one raises
         self._percentile_value = float(percentile_value)
 
-    def get_supported_kernels(self: QuantizationSimModel) -> dict[str, list[dict[str, Any]]]:
+    def get_supported_kernels(self) -> dict[str, list[dict[str, Any]]]:
         """The config's ``supported_kernels``: ``{"defaults": [...], "<op type>": [...]}``, each
         entry ``{"activation": {"bitwidth": 16, "dtype": "int"}, "param": {...}}``."""
         kernels: dict[str, list[dict[str, Any]]] = {}
@@ -178,7 +175,7 @@ class ReferenceSimAPI:
     # ------------------------------------------------------------------ frozen encodings
 
     def load_and_freeze_encodings(
-        self: QuantizationSimModel, encoding_path: str, ignore_when_quantizer_disabled: bool = False
+        self, encoding_path: str, ignore_when_quantizer_disabled: bool = False
     ) -> None:
         """Load activation and param encodings, frozen (``compute_encodings`` keeps them)."""
         self.load_encodings(
@@ -189,20 +186,15 @@ class ReferenceSimAPI:
             allow_overwrite=False,
         )
 
-    def set_and_freeze_param_encodings(self: QuantizationSimModel, encoding_path: str) -> None:
+    def set_and_freeze_param_encodings(self, encoding_path: str) -> None:
         """Load only the param encodings of a file, frozen (e.g. after AdaRound); activation
         encodings then come from ``compute_encodings``."""
-        from mixprec.export.loading import load_encodings_into  # export sits above sim
-
-        load_encodings_into(
-            self,
-            encoding_path,
-            strict=True,
-            partial=True,
-            requires_grad=False,
-            allow_overwrite=False,
-            params_only=True,
-        )
+        document = json.loads(Path(encoding_path).read_text())
+        section = document.get("mixprec") if isinstance(document, dict) else None
+        if isinstance(section, dict) and isinstance(section.get("quantizers"), list):
+            params = [q for q in section["quantizers"] if isinstance(q, dict) and q.get("kind") == "param"]
+            document = {**document, "mixprec": {**section, "quantizers": params}}
+        self.load_encodings(document, strict=True, partial=True, requires_grad=False, allow_overwrite=False)
 
     # ------------------------------------------------------------------ pickling (save_checkpoint)
 
