@@ -148,6 +148,17 @@ def test_bitwidth_changes_precision_everywhere_shown():
     assert q(sim.model.fc.weight.detach()).unique().numel() <= 16
 
 
+def test_bitwidth_change_is_not_hidden_by_the_cached_quantized_weight():
+    sim, x = _calibrated()
+    q = sim.model.fc.param_quantizers["weight"]
+    with torch.no_grad():  # inference caches q(weight) across forwards (sim/runtime.py)
+        y8 = sim.model(x)
+        q.bitwidth = 4
+        y4 = sim.model(x)
+        q.__dict__.pop("_mixprec_param_cache", None)
+        assert torch.equal(y4, sim.model(x)) and not torch.equal(y4, y8)
+
+
 def test_data_type_changes_the_quantizer_type_in_place():
     sim, x = _calibrated()
     q = sim.model.stem.output_quantizers[0]

@@ -172,7 +172,8 @@ class ReferenceQuantizerAPI:
             return False
         if self._ready:  # type: ignore[attr-defined]
             return bool((self.offset < 0).any())  # type: ignore[attr-defined]
-        return not getattr(self, "unsigned_symmetric", False)
+        # before calibration: signed, unless calibration may pick the unsigned grid and does
+        return True
 
     @signed.setter
     def signed(self, value: bool) -> None:
@@ -222,6 +223,7 @@ class ReferenceQuantizerAPI:
         """Apply ``change`` to the settings, then re-derive the encoding from the kept range."""
         kept = self._calibrated_range()
         change()
+        self._forget_cached_outputs()
         if kept is not None:
             self.set_range(*kept)  # type: ignore[attr-defined]
 
@@ -236,12 +238,18 @@ class ReferenceQuantizerAPI:
             )
         kept = self._calibrated_range()
         if precision.kind is self._precision.kind and precision.is_int:  # type: ignore[attr-defined]
+            self._forget_cached_outputs()
             self._precision = precision
             self.reset_encoding()  # type: ignore[attr-defined]
         else:
             self._retype(precision)
         if kept is not None and self.needs_encoding:  # type: ignore[attr-defined]
             self.set_range(*kept)  # type: ignore[attr-defined]
+
+    def _forget_cached_outputs(self) -> None:
+        # mixprec.sim.runtime caches q(weight) keyed by buffer addresses and versions; buffers
+        # freed and reallocated here could reuse an address, so drop the cache explicitly
+        self.__dict__.pop("_mixprec_param_cache", None)
 
     def _retype(self, precision: Precision) -> None:
         """Turn this object into a fresh quantizer of ``precision`` (its type may change between
