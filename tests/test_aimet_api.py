@@ -372,3 +372,62 @@ def test_load_checkpoint_refuses_other_objects(tmp_path):
     torch.save({"not": "a sim"}, tmp_path / "x.pth")
     with pytest.raises(Exception, match="not a QuantizationSimModel checkpoint"):
         load_checkpoint(tmp_path / "x.pth")
+
+
+# ---------------------------------------------------------------------------- the reference's files
+
+
+def _reference_document(sim):
+    """The reference's torch-keyed 0.6.1 document of ``sim`` (what its load_encodings reads)."""
+    from mixprec.export.encodings import encoding_entries
+
+    params, activations = {}, {}
+    for name, q in sim.named_quantizers():
+        owner, _, rest = name.partition(".param_quantizers.")
+        if rest:
+            params[f"{owner}.{rest}"] = encoding_entries(q)
+            continue
+        if name.startswith("mixprec_"):
+            continue  # model inputs and functional calls: no module of the reference holds these
+        module, side, slot = name.rsplit(".", 2)
+        side = side.removesuffix("_quantizers")
+        activations.setdefault(module, {}).setdefault(side, {})[slot] = encoding_entries(q)[0]
+    return {"version": "0.6.1", "activation_encodings": activations, "param_encodings": params}
+
+
+def test_load_the_references_torch_keyed_encodings():
+    source, x = _calibrated(config_file="per_channel")
+    source.model.fc.param_quantizers["weight"].bitwidth = 4
+    doc = _reference_document(source)
+    assert len(doc["param_encodings"]["stem.weight"]) == 8  # one entry per output channel
+    sim, _ = _sim(config_file="per_channel")
+    sim.load_encodings(doc)
+    for name, q in source.named_quantizers():
+        if not name.startswith("mixprec_"):
+            assert torch.equal(dict(sim.named_quantizers())[name].get_scale(), q.get_scale()), name
+    assert _table(sim)["fc"]["params"]["weight"] == "int4"
+    with pytest.raises(ValueError, match=r"'nope.weight': this sim has no such quantizer place"):
+        sim.load_encodings({"param_encodings": {"nope.weight": doc["param_encodings"]["fc.weight"]}})
+    sim.load_encodings({"param_encodings": {"nope.weight": []}}, strict=False)  # skipped
+
+
+def test_set_and_freeze_adaround_style_param_encodings(tmp_path):
+    import json
+
+    source, x = _calibrated()
+    source.model.fc.param_quantizers["weight"].bitwidth = 4
+    path = tmp_path / "adaround.encodings"
+    path.write_text(json.dumps(_reference_document(source)["param_encodings"]))  # the older top-level form
+    sim, _ = _sim()
+    sim.set_and_freeze_param_encodings(str(path))
+    sim.compute_encodings(lambda m: m(x))
+    weight = sim.model.fc.param_quantizers["weight"]
+    assert weight.bitwidth == 4 and not weight.is_overwrite_allowed()
+    assert torch.equal(weight.get_scale(), source.model.fc.param_quantizers["weight"].get_scale())
+    with pytest.raises(ValueError, match=r"'stem.weight': 3 entries for 8 channels"):
+        bad = {
+            "param_encodings": {
+                "stem.weight": _reference_document(source)["param_encodings"]["stem.weight"] * 3
+            }
+        }
+        _sim()[0].load_encodings(bad)

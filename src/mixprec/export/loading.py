@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixprec.errors import UnsupportedArgumentError
 from mixprec.export.encodings import read_encodings
+from mixprec.export.reference_encodings import is_reference_document, read_reference_encodings
 from mixprec.sim.placement import PlaceKind
 
 if TYPE_CHECKING:
@@ -72,12 +73,29 @@ def load_encodings_into(
             trainable, or a loaded quantizer is frozen (``allow_overwrite(False)`` earlier).
     """
     data, source = _document(encodings)
+    if is_reference_document(data):
+        items = read_reference_encodings(sim, data, source, strict)
+    else:
+        items = _read_mixprec(sim, data, source, strict)
+    _apply(sim, items, partial=partial, requires_grad=requires_grad, allow_overwrite=allow_overwrite)
+
+
+def _read_mixprec(sim: PrecisionState, data: dict[str, Any], source: str, strict: bool) -> list:
     section = data.get("mixprec")
     if isinstance(section, dict) and isinstance(section.get("quantizers"), list):
         kept = [item for item in section["quantizers"] if (strict or _known(sim, item))]
         data = {**data, "mixprec": {**section, "quantizers": kept}}
-    items = read_encodings(sim, data, source)
+    return read_encodings(sim, data, source)
 
+
+def _apply(
+    sim: PrecisionState,
+    items: list,
+    *,
+    partial: bool,
+    requires_grad: bool | None,
+    allow_overwrite: bool | None,
+) -> None:
     if requires_grad and not sim.quant_scheme.learnable:
         raise UnsupportedArgumentError(
             f"load_encodings(requires_grad=True): the encodings of a sim built with "
@@ -109,6 +127,8 @@ def load_encodings_into(
         if current is None or current.precision != item.precision or current.granularity != enc.granularity:  # type: ignore[union-attr]
             sim.set_precision_at(item.place, item.precision, enc.granularity)  # type: ignore[union-attr]
         q = sim.quantizer_at(item.place)
+        if enc.precision.is_int and q.symmetric != enc.symmetric:  # type: ignore[union-attr]
+            q.symmetric = enc.symmetric  # type: ignore[union-attr]  # the file's symmetry wins
         q.set_encoding(enc)  # type: ignore[union-attr,arg-type]
         if requires_grad is not None:
             q.requires_grad_(requires_grad)  # type: ignore[union-attr]

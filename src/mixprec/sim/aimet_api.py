@@ -187,13 +187,18 @@ class ReferenceSimAPI:
         )
 
     def set_and_freeze_param_encodings(self, encoding_path: str) -> None:
-        """Load only the param encodings of a file, frozen (e.g. after AdaRound); activation
-        encodings then come from ``compute_encodings``."""
+        """Load only the param encodings of a file, frozen (e.g. AdaRound's output, in the
+        reference's torch-keyed format or mixprec's); activation encodings then come from
+        ``compute_encodings``."""
         document = json.loads(Path(encoding_path).read_text())
         section = document.get("mixprec") if isinstance(document, dict) else None
         if isinstance(section, dict) and isinstance(section.get("quantizers"), list):
             params = [q for q in section["quantizers"] if isinstance(q, dict) and q.get("kind") == "param"]
             document = {**document, "mixprec": {**section, "quantizers": params}}
+        elif isinstance(document, dict) and "param_encodings" in document:  # the reference's format
+            document = {"param_encodings": document["param_encodings"]}
+        elif isinstance(document, dict):  # older AdaRound files: the param encodings at top level
+            document = {"param_encodings": document}
         self.load_encodings(document, strict=True, partial=True, requires_grad=False, allow_overwrite=False)
 
     # ------------------------------------------------------------------ pickling (save_checkpoint)
