@@ -105,6 +105,11 @@ def read_reference_encodings(
         ValueError: an entry is malformed, or (``strict``) names a module, parameter or slot
             this sim does not quantize; the message names it.
     """
+    if not data.get("param_encodings") and not data.get("activation_encodings"):
+        raise ValueError(
+            f"{source} has no 'mixprec' section and its param_encodings/activation_encodings are empty: "
+            "nothing to load"
+        )
     modules: dict[str, list[Any]] = {}
     for layer in sim.graph.layers:
         if layer.is_module:
