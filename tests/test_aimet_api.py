@@ -197,6 +197,16 @@ def test_bad_quantizer_settings_leave_the_quantizer_alone(attr, value, match):
     assert q.precision.name == "int8" and torch.equal(q.get_scale(), before.scale)
 
 
+def test_disabling_a_quantizer_says_how():
+    sim, _ = _sim()
+    q = sim.model.fc.output_quantizers[0]
+    q.enabled = True
+    with pytest.raises(QuantizerSettingError, match=r"enabled=False: remove the quantizer instead"):
+        q.enabled = False
+    sim.model.fc.output_quantizers[0] = None  # the reference's 2.x way
+    assert _table(sim)["fc"]["outputs"] == [None]
+
+
 def test_symmetric_setter_rederives_the_encoding():
     sim, _ = _calibrated()
     q = sim.model.stem.output_quantizers[0]

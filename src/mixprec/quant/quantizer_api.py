@@ -202,6 +202,21 @@ class ReferenceQuantizerAPI:
             )
         self._retune(lambda: setattr(self, "_symmetric", value))
 
+    @property
+    def enabled(self) -> bool:
+        """Always True: a quantizer that exists is applied (the reference's 1.x attribute)."""
+        return True
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        # the reference's 1.x idiom; ignoring it silently would leave the quantizer running
+        if not value:
+            raise QuantizerSettingError(
+                f"{self._where()}: enabled=False: remove the quantizer instead "  # type: ignore[attr-defined]
+                "(qmodule.output_quantizers[i] = None, qmodule.param_quantizers[name] = None, or "
+                "sim.exclude_layers_from_quantization([layer]))"
+            )
+
     # ------------------------------------------------------------------ changing settings
 
     def _calibrated_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
