@@ -354,16 +354,19 @@ class QuantizationSimModel(ReferenceSimAPI):
         dummy_input: Any = None,
         onnx_export_args: Any = None,
         propagate_encodings: bool = False,
+        export_to_torchscript: bool = False,
+        use_embedded_encodings: bool = False,
+        export_model: bool = True,
+        filename_prefix_encodings: str | None = None,
         *,
         onnx_opset: int | None = None,
-        **reference_kwargs: Any,
+        **unknown: Any,
     ) -> Any:
         """Write ``<prefix>.onnx``, ``<prefix>.encodings`` and ``<prefix>_qdq.onnx`` into ``path``.
 
-        ``onnx_export_args`` (dict or object with ``opset_version``, ``input_names``,
-        ``output_names``), ``propagate_encodings`` and the reference's ``export_to_torchscript``,
-        ``use_embedded_encodings``, ``export_model`` and ``filename_prefix_encodings`` are
-        accepted as docs/porting_from_aimet.md describes.
+        The arguments after ``dummy_input`` are the reference's, in its order;
+        docs/porting_from_aimet.md says what each does here (some raise
+        ``UnsupportedArgumentError`` naming the alternative).
         """
         # Imported on use: export needs the optional onnx packages (mixprec[export]).
         from mixprec.export.reference_args import export_reference
@@ -376,7 +379,13 @@ class QuantizationSimModel(ReferenceSimAPI):
             onnx_export_args,
             propagate_encodings,
             onnx_opset,
-            reference_kwargs,
+            {
+                "export_to_torchscript": export_to_torchscript,
+                "use_embedded_encodings": use_embedded_encodings,
+                "export_model": export_model,
+                "filename_prefix_encodings": filename_prefix_encodings,
+                **unknown,  # refused by name
+            },
         )
 
     def load_encodings(
