@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.capture.graph import Graph, Layer
-from mixprec.capture.recorder import capture, split_dummy_input
+from mixprec.capture.graph import Graph
+from mixprec.capture.recorder import capture, is_leaf, split_dummy_input
 from mixprec.config.rules import SimConfig, load_config
 from mixprec.core.granularity import Granularity
 from mixprec.core.precision import NumberKind, Precision, QuantizationDataType, name_of
@@ -36,18 +36,11 @@ from mixprec.sim.placement import (
     PlaceKind,
     Placement,
     SlotTemplate,
-    has_places,
     is_quantizable,
     place_quantizers,
 )
-from mixprec.sim.runtime import (
-    FunctionalSite,
-    LayerQuantizers,
-    SimRuntime,
-    original_class,
-    param_key,
-    quantized_class,
-)
+from mixprec.sim.runtime import LayerQuantizers, SimRuntime, original_class, param_key
+from mixprec.sim.sites import SiteBuilder
 
 
 class QuantizationSimModel(ReferenceSimAPI):
@@ -110,7 +103,9 @@ class QuantizationSimModel(ReferenceSimAPI):
         self.graph: Graph = result.graph
         self.input_skeleton = result.input_skeleton
         self.output_skeleton = result.output_skeleton
-        self.leaf_module_names = frozenset(result.leaf_modules)
+        self.leaf_module_names = frozenset(
+            name for name, m in self.model.named_modules() if m is not self.model and is_leaf(m)
+        )
         self._modules = dict(self.model.named_modules())
         self._module_names = {id(m): n for n, m in self._modules.items()}
         self.placement: Placement = place_quantizers(
@@ -124,71 +119,33 @@ class QuantizationSimModel(ReferenceSimAPI):
 
     # building ---------------------------------------------------------------------------
     def _install(self, result: Any) -> None:
-        graph, placement = self.graph, self.placement
-        runtime = SimRuntime()
-        self._runtime = runtime
         self._layer_quantizers: list[LayerQuantizers] = []
-        functional = nn.ModuleDict()
-        sites: dict[int, FunctionalSite] = {}
-        param_quantizers: dict[int, QuantizerBase | None] = {}
-        for key, template in placement.params.items():
-            layer = graph.layers[self._param_layers[key][0]]
-            ref = next(r for r in layer.params.values() if r.key == key)
-            param_quantizers[key] = self._build(template, template.initial, ref.qualified_name)
-        for layer in graph.layers:
-            lq = LayerQuantizers(len(layer.inputs), len(layer.outputs), [param_key(n) for n in layer.params])
-            for slot, template in enumerate(placement.inputs[layer.index]):
-                if template is not None:
-                    lq.input_quantizers[slot] = self._build(
-                        template, template.initial, f"{layer.name} input {slot}"
-                    )
-            for slot, template in enumerate(placement.outputs[layer.index]):
-                if template is not None:
-                    lq.output_quantizers[slot] = self._build(
-                        template, template.initial, f"{layer.name} output {slot}"
-                    )
-            for name, ref in layer.params.items():
-                lq.param_quantizers[param_key(name)] = param_quantizers[ref.key]
-            self._layer_quantizers.append(lq)
-            if layer.is_module:
-                self._attach_to_module(layer, lq)
-            else:
-                functional[layer.name.replace(".", ":")] = lq
-                sites[layer.index] = FunctionalSite(
-                    layer.name, layer.op, lq, list(layer.params), has_places(placement, layer)
-                )
-        runtime.sites = {
-            key: [None if i is None else sites[i] for i in indices]
-            for key, indices in result.sites_by_location.items()
-        }
-        runtime.layer_functions = result.layer_functions
-        runtime.finalize()
-        runtime.input_quantizers = nn.ModuleList(
-            [
-                None if t is None else self._build(t, t.initial, f"model input {io.path}")
-                for t, io in zip(placement.model_inputs, graph.inputs, strict=True)
-            ]
-        )
-        root = self.model
-        for module in result.leaf_modules.values():
-            module._mixprec_runtime = runtime
-            if module is not root:
-                module.__class__ = quantized_class(type(module), leaf=True, root=False)
-        root._mixprec_runtime = runtime
-        root.mixprec_functional = functional
-        root.mixprec_input_quantizers = runtime.input_quantizers
-        root_is_leaf = any(m is root for m in result.leaf_modules.values())
-        root.__class__ = quantized_class(type(root), leaf=root_is_leaf, root=True)
+        self._runtime: SimRuntime = SiteBuilder(self).install(result)
 
-    def _attach_to_module(self, layer: Layer, lq: LayerQuantizers) -> None:
-        module = self._modules[layer.module_name]
-        if not hasattr(module, "mixprec_sites"):
-            module.mixprec_sites = nn.ModuleList()
-            module._mixprec_param_slots = [
-                (self.model.get_submodule(ref.owner), ref.attr, param_key(name))
-                for name, ref in layer.params.items()
-            ]
-        module.mixprec_sites.append(lq)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy(sim): the runtime's link back to its sim is not copied with it
+        self.__dict__.update(state)
+        self._runtime.factory = SiteBuilder(self)
+
+    @property
+    def cache_quantized_weights(self) -> bool:
+        """Reuse fake-quantized parameters across inference forwards (default True).
+
+        Costs memory of about one copy of the quantized weights; False computes them every forward
+        (see docs/performance.md). In-place edits through ``param.data`` bypass the version counter
+        that the cache checks: call :meth:`clear_weight_cache` after those, or set this to False.
+        """
+        return self._runtime.cache_weights
+
+    @cache_quantized_weights.setter
+    def cache_quantized_weights(self, value: bool) -> None:
+        self._runtime.cache_weights = bool(value)
+        if not value:
+            self._runtime.clear_cache()
+
+    def clear_weight_cache(self) -> None:
+        """Forget cached fake-quantized parameters; the next forward recomputes them."""
+        self._runtime.clear_cache()
 
     def _build(self, template: SlotTemplate, precision: Precision | None, label: str) -> QuantizerBase | None:
         if precision is None or precision.is_full:

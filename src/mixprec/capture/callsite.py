@@ -1,40 +1,79 @@
-"""Identifying the call site of a torch function call from the Python stack.
+"""Identifying a functional call site without looking at the Python stack.
 
-Capture and the quantized forward must agree on which call is which without tracing
-tensors at run time. A call site is the first frame outside torch's own function
-implementations: its code object and bytecode offset. Repeated executions of one site
-(a loop over decoder layers) are told apart by their order within one forward.
+A functional call (``x + y``, ``torch.matmul``, ``F.softmax``) made while a model runs is
+identified by three things that capture and the quantized forward both observe the same way
+(see docs/capture.md):
+
+- the innermost module of the model whose forward is executing (its qualified name; the root
+  is ``""``), tracked by forward hooks, so nothing depends on file names or bytecode offsets;
+- the function's canonical name (``x + y``, ``torch.add`` and ``x += y`` are all ``add``);
+- its ordinal among calls of that function made by that module so far in this forward, so a
+  loop's iterations and a module invoked twice each get their own site.
+
+Only calls of *counted* functions (those that can be layers with quantizers) need an identity at
+run time; ordinals are per function, so counting every function at capture and only the counted
+ones at run time gives the same ordinals.
 """
 
 from __future__ import annotations
 
-import sys
-from types import CodeType
+from collections.abc import Callable
 
-from mixprec.capture.op_types import is_torch_internal_module
+from mixprec.capture import op_types as ops
 
-CallSiteKey = tuple[CodeType, int]
+# (scope module name, canonical function name, ordinal within that scope in one forward)
+SiteKey = tuple[str, str, int]
 
-_INTERNAL_CODE: dict[CodeType, bool] = {}
-# The demo model is the one module of mixprec whose forward is user code.
-_USER_CODE = frozenset({"mixprec.demo"})
+_CANONICAL_CACHE: dict[Callable, str] = {}
 
 
-def _is_internal(frame) -> bool:
-    code = frame.f_code
-    internal = _INTERNAL_CODE.get(code)
-    if internal is None:
-        name = frame.f_globals.get("__name__", "")
-        internal = is_torch_internal_module(name) or (name.startswith("mixprec.") and name not in _USER_CODE)
-        _INTERNAL_CODE[code] = internal
-    return internal
+def canonical_name(func: Callable) -> str:
+    """``ops.function_name`` memoized per function object (it runs for every torch call)."""
+    try:
+        return _CANONICAL_CACHE[func]
+    except (KeyError, TypeError):
+        pass
+    name = ops.function_name(func)
+    try:
+        _CANONICAL_CACHE[func] = name
+    except TypeError:  # an unhashable callable: just do not memoize it
+        pass
+    return name
 
 
-def caller_key(skip: int = 2) -> CallSiteKey | None:
-    """The (code, offset) of the nearest frame that is not torch or mixprec internals."""
-    frame = sys._getframe(skip)
-    while frame is not None:
-        if not _is_internal(frame):
-            return (frame.f_code, frame.f_lasti)
-        frame = frame.f_back
-    return None
+# Functions that take tensors but compute nothing a quantizer could sit on.
+_NEVER_LAYERS = frozenset(
+    {
+        "size", "dim", "numel", "__len__", "__bool__", "item", "tolist", "is_floating_point",
+        "is_contiguous", "__set__", "data_ptr", "element_size", "stride", "storage_offset",
+        "__format__", "__repr__", "__hash__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+        "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__", "__invert__", "logical_not",
+        "logical_and", "logical_or", "any", "all", "isinf", "isnan", "isfinite", "nonzero", "argmax",
+        "argmin", "requires_grad_", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor",
+        "zeros_like", "ones_like", "empty_like", "full_like", "copy", "__reduce_ex__", "__deepcopy__",
+        "__setstate__", "__array__", "unique", "bincount", "arange", "full", "zeros", "ones", "empty",
+        "set_", "record_stream", "untyped_storage", "get_device",
+    }
+)  # fmt: skip
+
+# Functions that become layers on a path first seen at run time even if the capture never called
+# them (compute ops with an op type in the sim config).
+KNOWN_COMPUTE = frozenset(
+    name for name in ops.known_function_names() if name not in ops.DATA_MOVEMENT_FUNCTIONS
+)
+
+
+def is_counted(canonical: str) -> bool:
+    """Whether a call of this function may be a quantized layer (and so needs a site identity)."""
+    return canonical not in ops.DATA_MOVEMENT_FUNCTIONS and canonical not in _NEVER_LAYERS
+
+
+def site_name(scope: str, canonical: str, ordinal: int, module_names: frozenset[str] | set[str]) -> str:
+    """``<scope>.<function>`` for the first call, ``<scope>.<function>_<k>`` for the k-th.
+
+    A name that a module of the model already has (a submodule called ``add``) gets ``()``
+    appended, so layer names stay unique and a function layer never shadows a module.
+    """
+    base = f"{scope}.{canonical}" if scope else canonical
+    name = base if ordinal == 0 else f"{base}_{ordinal}"
+    return f"{name}()" if name in module_names else name

@@ -91,6 +91,17 @@ class Graph:
     def __post_init__(self) -> None:
         self._by_name = {layer.name: layer for layer in self.layers}
 
+    def new_tensor(self, is_float: bool, shape: tuple[int, ...], producer: tuple[int, int] | None) -> int:
+        """Add a tensor node (for a layer first seen after capture); its id."""
+        tid = max(self.tensors, default=-1) + 1
+        self.tensors[tid] = TensorNode(id=tid, is_float=is_float, shape=shape, producer=producer)
+        return tid
+
+    def append(self, layer: Layer) -> None:
+        """Add a layer first seen after capture (a path ``dummy_input`` did not take)."""
+        self.layers.append(layer)
+        self._by_name[layer.name] = layer
+
     def layer(self, name: str) -> Layer | None:
         return self._by_name.get(name)
 

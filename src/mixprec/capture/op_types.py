@@ -100,6 +100,7 @@ DATA_MOVEMENT_FUNCTIONS = frozenset(
         "expand_as", "repeat", "repeat_interleave", "tile", "narrow", "select", "index_select",
         "gather", "roll", "flip", "clone", "detach", "to", "float", "type_as", "type", "cpu",
         "cuda", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "broadcast_to", "dropout",
+        "__get__",
     }
 )  # fmt: skip
 
@@ -187,6 +188,11 @@ def function_name(func: Callable) -> str:
     return _CANONICAL.get(name, name)
 
 
+def known_function_names() -> frozenset[str]:
+    """Canonical names of the functions with an op type of their own in the sim config."""
+    return frozenset(_FUNCTION_OP_TYPES)
+
+
 def is_in_place(func: Callable) -> bool:
     """True for ``Tensor.add_``-style methods and ``+=``-style dunders."""
     name = getattr(func, "__name__", "")
@@ -221,8 +227,7 @@ def weight_channel_axis(module: nn.Module | None, param_attr: str) -> int:
         return 0
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return 1
-    original = getattr(type(module), "_mixprec_original_class", type(module))
-    if original.__name__ == "Conv1D":
+    if type(module).__name__ == "Conv1D":
         return 1
     return 0
 

@@ -6,13 +6,11 @@ every torch function / Tensor method called outside leaf modules. Tensors are fo
 by identity, so the graph knows which call produced what each call reads. Calls that
 read no tensor derived from the model's inputs (mask and position-id construction,
 constants) are not layers. Nothing about the model is rewritten: the quantized forward
-later runs the model's own Python code again and finds each functional call site by its
-place in the code (see :mod:`mixprec.capture.callsite`).
+later runs the model's own Python code again and finds each functional call by the
+module making it, the function and its ordinal (see :mod:`mixprec.capture.callsite`).
 
-This works for anything that runs eagerly (torchvision, transformers 5, models fx
-cannot trace). Its limit: the capture reflects the control flow taken on the dummy
-input; a forward that takes another path later fails with a clear error at the call
-site whose function differs.
+The capture is the starting point, not a limit: a path first taken later gets its layers
+then (see :mod:`mixprec.sim.runtime`).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from mixprec.capture import op_types as ops
-from mixprec.capture.callsite import CallSiteKey, caller_key
+from mixprec.capture.callsite import SiteKey, canonical_name, is_counted, site_name
 from mixprec.capture.graph import Graph, Layer, LayerKind, ModelIO, ParamRef, TensorNode
 from mixprec.errors import CaptureError
 
@@ -38,10 +36,9 @@ class CaptureResult:
 
     graph: Graph
     output: Any
-    # Per code location, in call order, the functional layer index of each call of a
-    # layer function there (None where that call was not a layer).
-    sites_by_location: dict[CallSiteKey, list[int | None]] = field(default_factory=dict)
-    layer_functions: frozenset = frozenset()
+    # Per functional call site (scope, function, ordinal) of a counted function: the index of its
+    # layer, or None where that call was not a layer (it read no tensor derived from the inputs).
+    sites: dict[SiteKey, int | None] = field(default_factory=dict)
     leaf_modules: dict[str, nn.Module] = field(default_factory=dict)
     input_skeleton: Any = None
     output_skeleton: Any = None
@@ -63,15 +60,15 @@ def is_leaf(module: nn.Module) -> bool:
 
 
 def split_dummy_input(dummy_input: Any) -> tuple[tuple, dict]:
-    """A tensor -> one positional input; a tuple/list -> positional inputs; a dict -> keyword inputs."""
+    """A tensor -> one positional input; a tuple/list -> positional inputs; a mapping -> keyword inputs."""
     if isinstance(dummy_input, torch.Tensor):
         return (dummy_input,), {}
     if isinstance(dummy_input, (tuple, list)):
         return tuple(dummy_input), {}
-    if isinstance(dummy_input, dict):
+    if isinstance(dummy_input, Mapping):  # a dict, or a tokenizer's BatchEncoding
         return (), dict(dummy_input)
     raise TypeError(
-        f"dummy_input must be a tensor, a tuple/list of positional inputs, or a dict of keyword "
+        f"dummy_input must be a tensor, a tuple/list of positional inputs, or a dict (mapping) of keyword "
         f"inputs; got {type(dummy_input).__name__}"
     )
 
@@ -109,10 +106,9 @@ class _Recorder:
         self.scope: list[str] = [""]
         self.leaf_depth = 0
         self.pending: list[tuple[tuple[int | None, ...], tuple[bool, ...]]] = []
-        self.calls: list[tuple[CallSiteKey | None, Callable, int | None]] = []
+        self.sites: dict[SiteKey, int | None] = {}
         self.module_call_counts: dict[str, int] = {}
-        self.location_counts: dict[CallSiteKey | None, int] = {}
-        self.name_counts: dict[str, int] = {}
+        self.ordinals: dict[tuple[str, str], int] = {}
         self.leaf_modules: dict[str, nn.Module] = {}
 
     # tensors -------------------------------------------------------------------------
@@ -196,22 +192,42 @@ class _Recorder:
         self.scope.pop()
 
     # functional calls ------------------------------------------------------------------
-    def functional_call(self, func: Callable, key: CallSiteKey | None, args: tuple, kwargs: dict) -> Any:
+    def functional_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        canonical = canonical_name(func)
+        scope = self.scope[-1]
+        ordinal = self.ordinals.get((scope, canonical), 0)
+        self.ordinals[(scope, canonical)] = ordinal + 1
+        key = (scope, canonical, ordinal)
         leaves = pytree.tree_leaves((args, kwargs))
         slots, floats, param_leaves = self.input_slots(leaves)
         output = func(*args, **kwargs)
-        if not any(s is not None for s in slots):
-            self.calls.append((key, func, None))
-            return output
+        index = self.record_layer(func, canonical, key, args, slots, floats, param_leaves, output)
+        if is_counted(canonical):
+            self.sites[key] = index
+        return output
+
+    def record_layer(
+        self,
+        func: Callable,
+        canonical: str,
+        key: SiteKey,
+        args: tuple,
+        slots: list[int | None],
+        floats: list[bool],
+        param_leaves: list[torch.Tensor],
+        output: Any,
+    ) -> int | None:
+        """Add the call as a layer if it reads a tensor derived from the inputs; its index or None."""
+        data_movement = canonical in ops.DATA_MOVEMENT_FUNCTIONS
+        if not any(s is not None for s in slots) or not (data_movement or is_counted(canonical)):
+            return None
         if ops.is_in_place(func):
-            tensors = [args[0]] if isinstance(args[0], torch.Tensor) else []
+            tensors = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
         else:
             tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
         if not tensors:
-            self.calls.append((key, func, None))
-            return output
-        canonical = ops.function_name(func)
-        scope = self.scope[-1]
+            return None
+        scope = key[0]
         params = {}
         for param in param_leaves:
             pkey = self.param_keys.get(id(param))
@@ -221,32 +237,21 @@ class _Recorder:
             rel = qualified[len(scope) + 1 :] if scope and qualified.startswith(scope + ".") else qualified
             params[rel] = ParamRef(pkey, qualified, owner, attr, param.ndim)
         layer = self.add_layer(
-            name=self.functional_name(scope, canonical),
+            name=site_name(scope, canonical, key[2], self.all_module_names),
             kind=LayerKind.FUNCTION,
             op=func,
             type_name=canonical,
             op_type=ops.function_op_type(canonical),
             module_name=scope,
-            call_index=self.location_counts.get(key, 0),
+            call_index=key[2],
             inputs=tuple(slots),
             outputs=(),
             params=params,
-            data_movement=canonical in ops.DATA_MOVEMENT_FUNCTIONS,
+            data_movement=data_movement,
             input_is_float=tuple(floats),
         )
         layer.outputs, layer.output_is_float = self.bind_outputs(layer.index, tensors)
-        self.location_counts[key] = layer.call_index + 1
-        self.calls.append((key, func, layer.index))
-        return output
-
-    def functional_name(self, scope: str, canonical: str) -> str:
-        base = f"{scope}.{canonical}" if scope else canonical
-        while True:
-            count = self.name_counts.get(base, 0)
-            self.name_counts[base] = count + 1
-            name = base if count == 0 else f"{base}_{count}"
-            if name not in self.all_module_names:
-                return name
+        return layer.index
 
 
 class _CaptureMode(TorchFunctionMode):
@@ -258,7 +263,7 @@ class _CaptureMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.recorder.leaf_depth:
             return func(*args, **kwargs)
-        return self.recorder.functional_call(func, caller_key(), args, kwargs)
+        return self.recorder.functional_call(func, args, kwargs)
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict) -> CaptureResult:
@@ -328,11 +333,6 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> CaptureResult:
         output_structure=pytree.tree_structure(output),
         module_types={name: type(m) for name, m in model.named_modules()},
     )
-    layer_functions = frozenset(func for _, func, index in rec.calls if index is not None)
-    sites: dict[CallSiteKey, list[int | None]] = {}
-    for key, func, index in rec.calls:
-        if func in layer_functions and key is not None:
-            sites.setdefault(key, []).append(index)
     output_index = {io.tensor: io.index for io in outputs}
 
     def in_index(t: torch.Tensor) -> int | None:
@@ -345,6 +345,4 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> CaptureResult:
     else:
         input_skeleton = kwargs_skeleton if kwargs else args_skeleton
     output_skeleton = skeleton(output, lambda t: output_index.get(rec.tensor_of.get(id(t), -1)))
-    return CaptureResult(
-        graph, output, sites, layer_functions, rec.leaf_modules, input_skeleton, output_skeleton
-    )
+    return CaptureResult(graph, output, rec.sites, rec.leaf_modules, input_skeleton, output_skeleton)

@@ -1,8 +1,9 @@
 """Export ``sim.model`` to ONNX with a marker node at every quantizer.
 
-While exporting, each quantizer's forward is replaced (on the instance, restored after) by a
-call to the custom op ``mixprec::export_marker(x, index)``: an identity that the ONNX
-exporters write as ``ai.mixprec.export::Marker`` with the quantizer's index as an attribute.
+While exporting, the sim's runtime holds a :class:`MarkerTracing` (its per-sim tracing state; nothing
+global is patched): wherever the runtime would apply a quantizer it calls the custom op
+``mixprec::export_marker(x, index)`` instead, an identity that the ONNX exporters write as
+``ai.mixprec.export::Marker`` with the quantizer's index as an attribute.
 The sim's own forward does the rest: it calls every quantizer exactly where the simulation
 quantizes, including model inputs and functional layers, so markers sit where the sim's
 quantizers act. Later passes turn markers into nothing (float model) or Q/DQ pairs.
@@ -23,11 +24,9 @@ import torch
 from torch import nn
 
 from mixprec.quant.quantizers import QuantizerBase
-from mixprec.sim import runtime as _runtime
 
 MARKER_DOMAIN = "ai.mixprec.export"
 MARKER_OP = "Marker"
-_ABSENT = object()
 TORCHSCRIPT_MAX_OPSET = 17  # well supported by the legacy exporter; the result is converted up
 
 
@@ -92,43 +91,33 @@ def marked_forward(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+class MarkerTracing:
+    """The runtime's tracing state during export: quantizer ``quantizers[i]`` becomes ``Marker(i)``."""
+
+    def __init__(self, quantizers: Sequence[QuantizerBase]) -> None:
+        self.index = {id(q): i for i, q in enumerate(quantizers)}
+        self.forwards = {i: marked_forward(i) for i in self.index.values()}
+
+    def mark(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        index = self.index.get(id(q))
+        return q(x) if index is None else self.forwards[index](x)
+
+
 @contextlib.contextmanager
-def marking(quantizers: Sequence[QuantizerBase], runtime: Any = None) -> Iterator[None]:
+def marking(quantizers: Sequence[QuantizerBase], runtime: Any) -> Iterator[None]:
     """Make ``quantizers[i]`` emit ``Marker(index=i)`` instead of quantizing, until exit.
 
-    ``runtime`` (the sim's ``SimRuntime``) stops checking that every captured functional layer
-    ran: under torch.export, libraries take other paths where they test for tracing (transformers
-    builds attention masks differently), and export checks on its own that every quantizer
-    reached the graph.
+    ``runtime`` is the sim's ``SimRuntime``: it calls every quantizer through its tracing state, so
+    parameters are marked too (no cached fake-quantized weights), and call sites first seen under
+    the trace (libraries take other paths when they detect tracing) pass through: export checks on
+    its own that every quantizer reached the graph.
     """
-    patched: list[tuple[QuantizerBase, Any]] = []
-    required = getattr(runtime, "required", None)
-    # The runtime reuses quantized parameters across forwards (keyed by data pointers): a trace
-    # must call every parameter quantizer, and fake tensors have no data pointer.
-    cached = getattr(_runtime, "quantized_param", None)
+    previous = runtime.tracing
+    runtime.tracing = MarkerTracing(quantizers)
     try:
-        if cached is not None:
-            _runtime.quantized_param = _uncached_param
-        if required is not None:
-            runtime.required = {}
-        for i, q in enumerate(quantizers):
-            patched.append((q, q.__dict__.get("forward", _ABSENT)))
-            q.forward = marked_forward(i)  # instance attribute shadows the class's forward
         yield
     finally:
-        for q, previous in patched:
-            if previous is _ABSENT:
-                q.__dict__.pop("forward", None)
-            else:
-                q.forward = previous
-        if cached is not None:
-            _runtime.quantized_param = cached
-        if required is not None:
-            runtime.required = required
-
-
-def _uncached_param(q: nn.Module, param: torch.Tensor) -> torch.Tensor:
-    return q(param)
+        runtime.tracing = previous
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,8 @@ from mixprec.errors import CalibrationError
 from mixprec.sim.distributed import run_calibration_pass
 from mixprec.sim.placement import PlaceKind
 from mixprec.sim.state import PrecisionState
+
+logger = logging.getLogger(__name__)
 
 
 def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], args: Any) -> None:
@@ -25,18 +29,28 @@ def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], ar
         # Frozen encodings (allow_overwrite(False)) only pass values through and stay as they are.
         collect = place.kind is not PlaceKind.PARAM and q.is_overwrite_allowed()
         q.begin_calibration(sim.quant_scheme, collect=collect)
+    # layers first seen during the pass are created observing (see mixprec.sim.sites)
+    sim._runtime.calibration_scheme = sim.quant_scheme
+    known = {id(q) for _, q in entries}
     try:
         with torch.no_grad():
             # under torch.distributed this also combines the statistics of every rank
             run_calibration_pass(sim, entries, callback, args)
+        sim._runtime.calibration_scheme = None
+        entries += [(place, q) for place, q in sim.quantizers() if id(q) not in known]
+        unreached = _unreached(entries)
         for place, q in entries:
             if not q.is_overwrite_allowed():
                 q.abort_calibration()
+            elif id(q) in unreached:
+                q.abort_calibration()  # a layer off the calibration data's paths keeps what it had
             elif place.kind is PlaceKind.PARAM:
                 q.calibrate_tensor(sim.param_tensor(place).detach(), sim.quant_scheme)
             else:
                 q.end_calibration()
     except BaseException as exc:
+        sim._runtime.calibration_scheme = None
+        saved += [(q, None) for _, q in sim.quantizers() if id(q) not in known]
         for q, encoding in saved:
             q.abort_calibration()
             if encoding is None:
@@ -47,3 +61,21 @@ def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], ar
             # keeps the cause a distributed failure carries (the callback's exception on its rank)
             raise CalibrationError(f"{exc}\nno encoding was changed") from exc.__cause__
         raise
+
+
+def _unreached(entries: list) -> set[int]:
+    """Activation quantizers no data reached, when data reached others (a path the calibration
+    data did not take: not an error, those layers keep their encodings and are named in a warning).
+    When nothing was reached at all, the empty set: ``end_calibration`` then raises."""
+    observing = [(p, q) for p, q in entries if p.kind is not PlaceKind.PARAM and q.observer is not None]
+    empty = [(p, q) for p, q in observing if q.observer.num_values == 0]
+    if not empty or len(empty) == len(observing):
+        return set()
+    labels = ", ".join(q.label for _, q in empty[:8]) + (" ..." if len(empty) > 8 else "")
+    message = (
+        f"compute_encodings: no data reached {len(empty)} quantizer(s) ({labels}); their layers did not run on "
+        "the calibration data and keep their previous encodings (none if never calibrated)"
+    )
+    logger.warning(message)
+    warnings.warn(message, stacklevel=4)
+    return {id(q) for _, q in empty}

@@ -143,6 +143,52 @@ def fused_layers(graph: Graph, config: SimConfig, model_outputs: set[int]) -> tu
     return fused, folded
 
 
+def layer_templates(
+    layer: Layer,
+    config: SimConfig,
+    module: nn.Module | None,
+    activation: Precision,
+    param: Precision,
+    *,
+    fused: bool = False,
+    folded: bool = False,
+    forced_outputs: frozenset[int] | set[int] = frozenset(),
+) -> tuple[list[SlotTemplate | None], list[SlotTemplate | None], dict[str, SlotTemplate]]:
+    """The templates of one layer's input slots, output slots and parameters (by name)."""
+    if layer.data_movement:
+        return [None] * len(layer.inputs), [None] * len(layer.outputs), {}
+    settings = QuantizerSettings(
+        symmetric=config.is_activation_symmetric(layer.op_type),
+        granularity=PerTensor(),
+        unsigned_symmetric=config.unsigned_symmetric,
+        strict_symmetric=config.strict_symmetric,
+    )
+    in_on = config.is_input_quantized(layer.op_type)
+    ins = [SlotTemplate(settings, activation if in_on else None) if f else None for f in layer.input_is_float]
+    outs: list[SlotTemplate | None] = []
+    for tid, is_float in zip(layer.outputs, layer.output_is_float, strict=True):
+        if not is_float:
+            outs.append(None)
+            continue
+        on = (config.is_output_quantized(layer.op_type) and not fused) or tid in forced_outputs
+        outs.append(SlotTemplate(settings, activation if on else None))
+    params = {}
+    for name, ref in layer.params.items():
+        per_channel = config.is_per_channel(layer.op_type) and ref.ndim >= 2
+        axis = ops.weight_channel_axis(module, ref.attr)
+        on = config.is_param_quantized(layer.op_type, name) and not folded
+        params[name] = SlotTemplate(
+            QuantizerSettings(
+                symmetric=config.is_param_symmetric(layer.op_type, name),
+                granularity=PerChannel(axis) if per_channel else PerTensor(),
+                unsigned_symmetric=config.unsigned_symmetric,
+                strict_symmetric=config.strict_symmetric,
+            ),
+            param if on else None,
+        )
+    return ins, outs, params
+
+
 def place_quantizers(
     graph: Graph,
     config: SimConfig,
@@ -153,61 +199,35 @@ def place_quantizers(
     """Decide every place of the graph and its initial precision (None: unquantized)."""
     model_outputs = {graph.source(o.tensor) for o in graph.outputs} | {o.tensor for o in graph.outputs}
     fused, folded = fused_layers(graph, config, model_outputs)
-    force_outputs = getattr(config, "model_output_quantized", None)
-
-    def act_settings(op_type: str) -> QuantizerSettings:
-        return QuantizerSettings(
-            symmetric=config.is_activation_symmetric(op_type),
-            granularity=PerTensor(),
-            unsigned_symmetric=config.unsigned_symmetric,
-            strict_symmetric=config.strict_symmetric,
-        )
-
+    forced = model_outputs if getattr(config, "model_output_quantized", None) else set()
     inputs: list[list[SlotTemplate | None]] = []
     outputs: list[list[SlotTemplate | None]] = []
     params: dict[int, SlotTemplate] = {}
     for layer in graph.layers:
-        if layer.data_movement:
-            inputs.append([None] * len(layer.inputs))
-            outputs.append([None] * len(layer.outputs))
-            continue
-        settings = act_settings(layer.op_type)
-        in_on = config.is_input_quantized(layer.op_type)
-        inputs.append(
-            [
-                SlotTemplate(settings, activation if in_on else None) if f else None
-                for f in layer.input_is_float
-            ]
-        )
-        outs = []
-        for tid, is_float in zip(layer.outputs, layer.output_is_float, strict=True):
-            if not is_float:
-                outs.append(None)
-                continue
-            on = config.is_output_quantized(layer.op_type) and layer.index not in fused
-            if force_outputs and tid in model_outputs:
-                on = True
-            outs.append(SlotTemplate(settings, activation if on else None))
-        outputs.append(outs)
         module = modules.get(layer.module_name) if layer.is_module else None
-        for name, ref in layer.params.items():
-            if ref.key in params:
-                continue
-            per_channel = config.is_per_channel(layer.op_type) and ref.ndim >= 2
-            axis = ops.weight_channel_axis(module, ref.attr)
-            on = config.is_param_quantized(layer.op_type, name) and layer.index not in folded
-            params[ref.key] = SlotTemplate(
-                QuantizerSettings(
-                    symmetric=config.is_param_symmetric(layer.op_type, name),
-                    granularity=PerChannel(axis) if per_channel else PerTensor(),
-                    unsigned_symmetric=config.unsigned_symmetric,
-                    strict_symmetric=config.strict_symmetric,
-                ),
-                param if on else None,
-            )
+        ins, outs, layer_params = layer_templates(
+            layer,
+            config,
+            module,
+            activation,
+            param,
+            fused=layer.index in fused,
+            folded=layer.index in folded,
+            forced_outputs=forced,
+        )
+        inputs.append(ins)
+        outputs.append(outs)
+        for name, template in layer_params.items():
+            params.setdefault(layer.params[name].key, template)
     model_in_on = config.model_input_quantized
+    settings = QuantizerSettings(
+        symmetric=config.is_activation_symmetric("ModelInput"),
+        granularity=PerTensor(),
+        unsigned_symmetric=config.unsigned_symmetric,
+        strict_symmetric=config.strict_symmetric,
+    )
     model_inputs = [
-        SlotTemplate(act_settings("ModelInput"), activation if model_in_on else None) if io.is_float else None
+        SlotTemplate(settings, activation if model_in_on else None) if io.is_float else None
         for io in graph.inputs
     ]
     return Placement(inputs, outputs, params, model_inputs, folded, fused)

@@ -1,43 +1,54 @@
-"""The quantized forward: leaf-module wrappers, the functional-call mode, and model-input quantizers.
+"""The quantized forward: per-instance forward wrappers, scope hooks and the functional-call mode.
 
-Leaf modules of ``sim.model`` get a subclass of their own class (so ``isinstance`` and
-attribute access keep working) whose forward quantizes inputs, parameters and outputs
-around the original forward. The root module's forward enters a ``TorchFunctionMode``
-that finds each captured functional call site and quantizes it.
+Nothing is class-swapped (see docs/capture.md): each leaf module of ``sim.model`` gets an instance
+``forward`` (a :class:`LeafForward`) that quantizes inputs, parameters and outputs; every other
+module gets forward pre/post hooks that keep the stack of executing modules; the root gets a
+:class:`RootForward` that quantizes the model inputs and enters a :class:`QuantizationMode` for
+the duration of the forward. All of these are plain picklable objects, so ``torch.save``,
+``copy.deepcopy`` and ``torch.compile`` see ordinary modules.
+
+Per-forward state (:class:`ForwardState`: the scope stack, call counters) lives in a thread-local
+slot of the sim's :class:`SimRuntime` (a plain attribute while dynamo traces, which it can follow),
+never in process globals, so threads and sims do not interfere.
 """
 
 from __future__ import annotations
 
-import sys
+import threading
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
-from mixprec.capture import op_types as ops
-from mixprec.capture.callsite import CallSiteKey, caller_key
+from mixprec.capture.callsite import SiteKey, canonical_name
 from mixprec.errors import CaptureError
+from mixprec.sim import foreign
+from mixprec.sim.forwards import LeafForward, quantize_leaves
+from mixprec.sim.sitecall import FunctionalSite
+
+__all__ = [
+    "ForwardState",
+    "FunctionalSite",
+    "LayerQuantizers",
+    "LeafForward",
+    "QuantizationMode",
+    "RootForward",
+    "ScopeHook",
+    "SimRuntime",
+    "original_class",
+    "param_key",
+    "quantized_class",
+]
+
+MISSING = object()
 
 
-def _quantize_leaves(value: Any, quantizers: nn.ModuleList) -> Any:
-    """Apply ``quantizers[k]`` to the k-th non-parameter tensor leaf of ``value``."""
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        q = quantizers[0] if len(quantizers) else None
-        return value if q is None else q(value)
-    leaves, spec = pytree.tree_flatten(value)
-    slot = 0
-    changed = False
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor) and not isinstance(leaf, nn.Parameter):
-            q = quantizers[slot] if slot < len(quantizers) else None
-            slot += 1
-            if q is not None:
-                leaves[i] = q(leaf)
-                changed = True
-    return pytree.tree_unflatten(leaves, spec) if changed else value
+def param_key(name: str) -> str:
+    """ModuleDict keys cannot hold dots: ``out_proj.weight`` is stored as ``out_proj:weight``."""
+    return name.replace(".", ":")
 
 
 class LayerQuantizers(nn.Module):
@@ -54,39 +65,229 @@ class LayerQuantizers(nn.Module):
         self.param_quantizers = nn.ModuleDict({k: None for k in param_keys})
 
     def has_input_quantizers(self) -> bool:
-        return any(q is not None for q in self.input_quantizers)
+        return any(q is not None for q in self.input_quantizers._modules.values())
 
-    def quantize_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def quantize_inputs(self, args: tuple, kwargs: dict, rt: SimRuntime) -> tuple[tuple, dict]:
         if not self.has_input_quantizers():
             return args, kwargs
-        return _quantize_leaves((args, kwargs), self.input_quantizers)
+        return quantize_leaves((args, kwargs), self.input_quantizers, rt)
 
-    def quantize_outputs(self, output: Any) -> Any:
-        return _quantize_leaves(output, self.output_quantizers)
+    def quantize_outputs(self, output: Any, rt: SimRuntime) -> Any:
+        return quantize_leaves(output, self.output_quantizers, rt)
+
+    def all_quantizers(self) -> list[nn.Module]:
+        found = [*self.input_quantizers, *self.output_quantizers, *self.param_quantizers.values()]
+        return [q for q in found if q is not None]
 
 
-def quantized_param(q: nn.Module, param: torch.Tensor) -> torch.Tensor:
-    """``q(param)``, reused across forwards while neither the parameter nor the encoding changed.
+class Tracing(Protocol):
+    """What export installs on a runtime while it traces: a marker instead of each quantizer."""
 
-    Only where no gradient flows (inference, calibration of later layers): training must see a
-    fresh fake-quant node every step.
+    def mark(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class SiteFactory(Protocol):
+    """Creates the quantizers of a call site first seen at run time (implemented by the sim)."""
+
+    def new_function_site(
+        self, key: SiteKey, func: Callable, args: tuple, kwargs: dict, output: Any
+    ) -> FunctionalSite | None: ...
+
+    def new_module_site(
+        self, name: str, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> LayerQuantizers | None: ...
+
+
+class ForwardState:
+    """One forward of ``sim.model`` in one thread: executing modules and call counters.
+
+    ``scope`` holds qualified names of the executing non-leaf modules of the model; ``None`` marks
+    a module that is not part of the model (run from inside it), whose calls are left alone.
     """
-    if (torch.is_grad_enabled() and param.requires_grad) or getattr(q, "is_calibrating", False):
-        return q(param)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_fake(param):
-        return q(param)  # a tracer must see the quantizer, not a cached real tensor
-    key = (
-        param.data_ptr(),
-        param._version,
-        param.dtype,
-        *((b.data_ptr(), b._version) for b in q.buffers(recurse=False)),
-    )
-    cached = q.__dict__.get("_mixprec_param_cache")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    result = q(param)
-    q.__dict__["_mixprec_param_cache"] = (key, result)
-    return result
+
+    __slots__ = ("counts", "leaf_depth", "rt", "scope")
+
+    def __init__(self, rt: SimRuntime) -> None:
+        self.rt = rt
+        self.scope: list[str | None] = [""]
+        self.counts: dict[Any, int] = {}
+        self.leaf_depth = 0
+
+
+class SimRuntime:
+    """Per-sim runtime state shared by the wrappers, hooks and mode of one ``sim.model``.
+
+    Attributes:
+        sites: functional call sites -> their quantizers (None: that call is not quantized).
+        counted: canonical names of functions whose calls need a site identity.
+        factory: creates sites first seen at run time; None in a model unpickled without its sim.
+        calibration_scheme: set while ``compute_encodings`` runs, so new quantizers observe.
+        tracing: set while export traces, so quantizers become markers.
+        cache_weights: reuse fake-quantized parameters across inference forwards (see
+            docs/performance.md); False trades speed for no memory.
+    """
+
+    def __init__(self) -> None:
+        self.sites: dict[SiteKey, FunctionalSite | None] = {}
+        self.counted: frozenset[str] = frozenset()
+        self.input_quantizers: nn.ModuleList | None = None
+        self.factory: SiteFactory | None = None
+        self.calibration_scheme: Any = None
+        self.tracing: Tracing | None = None
+        self.cache_weights = True
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        self._local = threading.local()
+        self._trace_state: ForwardState | None = None
+        self._param_cache: dict[int, tuple] = {}
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_local", "_trace_state", "_param_cache", "_lock", "factory", "tracing"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.factory = None
+        self.tracing = None
+        self._init_transient()
+
+    # per-forward state ------------------------------------------------------------------
+    def state(self) -> ForwardState | None:
+        """The forward in progress in this thread (under dynamo: the one being traced)."""
+        if torch.compiler.is_compiling():
+            return self._trace_state
+        return self._local.__dict__.get("state")
+
+    def set_state(self, state: ForwardState | None) -> None:
+        if torch.compiler.is_compiling():
+            self._trace_state = state
+        else:
+            self._local.state = state
+
+    # quantizer application --------------------------------------------------------------
+    def apply(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        tracing = self.tracing
+        return q(x) if tracing is None else tracing.mark(q, x)
+
+    def quantized_param(self, q: nn.Module, param: torch.Tensor) -> torch.Tensor:
+        """``q(param)``, reused across forwards while neither the parameter nor the encoding changed.
+
+        Only where no gradient flows (inference, calibration of later layers): training must see a
+        fresh fake-quant node every step. The key holds the parameter object, an alias of its data
+        (so a replaced storage cannot be reused at the same address), its version and the
+        quantizer's buffer objects and versions: optimizer steps, ``copy_``, ``load_state_dict``
+        and ``.data = ...`` assignments all change it.
+        """
+        if self.tracing is not None:
+            return self.tracing.mark(q, param)
+        if (
+            not self.cache_weights
+            or (torch.is_grad_enabled() and param.requires_grad)
+            or getattr(q, "is_calibrating", False)
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or _is_fake(param)
+        ):
+            return q(param)
+        buffers = tuple(q._buffers.values())
+        cached = self._param_cache.get(id(q))
+        if cached is not None:
+            c_q, c_param, c_alias, c_version, c_buffers, c_versions, result = cached
+            if (
+                c_q is q
+                and c_param is param
+                and c_alias.data_ptr() == param.data_ptr()
+                and c_version == param._version
+                and c_alias.dtype == param.dtype
+                and c_alias.shape == param.shape
+                and len(c_buffers) == len(buffers)
+                and all(a is b for a, b in zip(c_buffers, buffers, strict=True))
+                and c_versions == tuple(b._version for b in buffers if b is not None)
+            ):
+                return result
+        result = q(param)
+        versions = tuple(b._version for b in buffers if b is not None)
+        self._param_cache[id(q)] = (q, param, param.detach(), param._version, buffers, versions, result)
+        return result
+
+    def clear_cache(self) -> None:
+        """Drop the cached fake-quantized parameters (they are rebuilt on the next forward)."""
+        self._param_cache.clear()
+
+    # sites first seen at run time ---------------------------------------------------------
+    def new_function_call(self, func: Callable, key: SiteKey, args: tuple, kwargs: dict) -> Any:
+        output = func(*args, **kwargs)
+        if self.tracing is not None:
+            return output  # export checks on its own which quantizers reached the graph
+        name = f"{key[0]}.{key[1]}" if key[0] else key[1]
+        self._check_can_grow(f"function call {name} (call {key[2]} in its module)")
+        with self._lock:
+            site = self.sites.get(key, MISSING)
+            if site is MISSING:
+                site = self.factory.new_function_site(key, func, args, kwargs, output)
+                self.sites[key] = site
+        if site is None:
+            return output
+        q = site.quantizers
+        if self._finish_new(q, site.name):
+            q.quantize_inputs(args, kwargs, self)  # observing: records, returns values unchanged
+            return q.quantize_outputs(output, self)
+        if site.in_place:
+            return site.quantize_in_place(args, output, self)
+        return site.call(func, args, kwargs, self)
+
+    def new_module_call(self, wrapper: LeafForward, index: int, args: tuple, kwargs: dict) -> Any:
+        module = wrapper.module
+        output = wrapper.original(*args, **kwargs)
+        if self.tracing is not None:
+            return output
+        label = wrapper.name if index == 0 else f"{wrapper.name}#{index}"
+        self._check_can_grow(f"module {label} ({type(module).__name__})")
+        with self._lock:
+            sites = module._modules.get("mixprec_sites")
+            if sites is None or index >= len(sites):
+                lq = self.factory.new_module_site(wrapper.name, index, module, args, kwargs, output)
+            else:
+                lq = sites[index]
+        if lq is None:
+            return output
+        if self._finish_new(lq, label):
+            lq.quantize_inputs(args, kwargs, self)
+            return lq.quantize_outputs(output, self)
+        return wrapper.run(lq, args, kwargs)
+
+    def _check_can_grow(self, what: str) -> None:
+        if torch.compiler.is_compiling():
+            raise CaptureError(
+                f"{what} runs under torch.compile but did not run when the sim was built: run one eager "
+                "forward (or compute_encodings) on inputs taking this path before compiling"
+            )
+        if self.factory is None:
+            raise CaptureError(
+                f"{what} did not run when the sim was built, and this model was loaded without its "
+                "QuantizationSimModel, so it cannot get quantizers: build the sim with a dummy_input "
+                "taking this path, or keep the sim (copy.deepcopy(sim) keeps it)"
+            )
+
+    def _finish_new(self, lq: LayerQuantizers, name: str) -> bool:
+        """True while calibrating (the new quantizers observe); raise if they need encodings."""
+        quantizers = lq.all_quantizers()
+        if any(getattr(q, "is_calibrating", False) for q in quantizers):
+            return True
+        missing = [q.label for q in quantizers if q.needs_encoding and not q.is_initialized]
+        if missing:
+            from mixprec.errors import EncodingNotComputedError
+
+            raise EncodingNotComputedError(
+                f"layer {name!r} first ran in this forward, on a path dummy_input did not take; it now has "
+                f"quantizers from the config defaults ({', '.join(missing)}) without encodings: run "
+                "sim.compute_encodings(forward_pass_callback, args) on data that takes this path"
+            )
+        return False
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -97,208 +298,93 @@ def _is_fake(t: torch.Tensor) -> bool:
     return t.device.type == "meta"
 
 
-def param_key(name: str) -> str:
-    """ModuleDict keys cannot hold dots: ``out_proj.weight`` is stored as ``out_proj:weight``."""
-    return name.replace(".", ":")
-
-
-class SimRuntime:
-    """Per-sim state shared by the wrappers: call counters for the current forward."""
-
-    def __init__(self) -> None:
-        self.in_forward = False
-        self.leaf_depth = 0
-        self.counts: dict[Any, int] = {}
-        self.sites: dict[CallSiteKey, list[FunctionalSite | None]] = {}
-        self.layer_functions: frozenset = frozenset()
-        self.input_quantizers: nn.ModuleList | None = None
-        self.required: dict[CallSiteKey, int] = {}
-
-    def finalize(self) -> None:
-        """Precompute, per code location, how many calls must happen for all its layers to run."""
-        # Only layers that can hold a quantizer matter: a skipped integer op (mask arithmetic
-        # that takes another path under tracing) loses nothing.
-        self.required = {
-            key: max(i for i, site in enumerate(sites) if site is not None and site.has_places) + 1
-            for key, sites in self.sites.items()
-            if any(site is not None and site.has_places for site in sites)
-        }
-
-    def check_all_sites_ran(self) -> None:
-        """A captured functional layer that did not run means the forward took another path,
-        and whatever replaced it ran unquantized: say so instead of returning silent floats."""
-        counts = self.counts
-        for key, needed in self.required.items():
-            ran = counts.get(key, 0)
-            if ran < needed:
-                missed = self.sites[key][ran:needed]
-                name = next(site.name for site in missed if site is not None)
-                raise CaptureError(
-                    f"layer {name!r} ({ops.function_name(self.sites[key][needed - 1].func)}) did not run in this "
-                    "forward: the model's control flow differs from the dummy_input run, so part of it would run "
-                    "unquantized. Build the sim with a dummy_input that takes the same path."
-                )
-
-    def next_site(self, key: Any, sites: list) -> Any:
-        n = self.counts.get(key, 0)
-        self.counts[key] = n + 1
-        return sites[n] if n < len(sites) else None
-
-
-class FunctionalSite:
-    """One captured functional call: the function expected there and its quantizers."""
-
-    def __init__(
-        self,
-        name: str,
-        func: Callable,
-        quantizers: LayerQuantizers,
-        params: list[str],
-        has_places: bool = True,
-    ) -> None:
-        self.name = name
-        self.has_places = has_places
-        self.func = func
-        self.quantizers = quantizers
-        self.param_order = [param_key(p) for p in params]
-        self.in_place = ops.is_in_place(func)
-        self.dunder_in_place = getattr(func, "__name__", "").startswith("__i")
-
-    def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        if func is not self.func:
-            raise CaptureError(
-                f"layer {self.name!r}: the forward called {ops.function_name(func)} where the capture "
-                f"recorded {ops.function_name(self.func)}; the model's control flow differs from the "
-                "dummy_input run. Build the sim with a dummy_input that takes the same path."
-            )
-        q = self.quantizers
-        pq = q.param_quantizers
-        if q.has_input_quantizers() or any(pq[k] is not None for k in self.param_order):
-            args, kwargs = self._quantize_arguments(args, kwargs)
-        output = func(*args, **kwargs)
-        oq = q.output_quantizers[0] if len(q.output_quantizers) else None
-        if oq is None:
-            return output
-        if self.in_place and not self.dunder_in_place:
-            target = args[0]
-            with torch.no_grad():
-                target.copy_(oq(target))
-            return output
-        return q.quantize_outputs(output)
-
-    def _quantize_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        slot = n_param = 0
-        q = self.quantizers
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, nn.Parameter):
-                if n_param < len(self.param_order):
-                    pq = q.param_quantizers[self.param_order[n_param]]
-                    if pq is not None:
-                        leaves[i] = pq(leaf)
-                n_param += 1
-            elif isinstance(leaf, torch.Tensor):
-                iq = q.input_quantizers[slot] if slot < len(q.input_quantizers) else None
-                if iq is not None:
-                    leaves[i] = iq(leaf)
-                slot += 1
-        return pytree.tree_unflatten(leaves, spec)
-
-
 class QuantizationMode(TorchFunctionMode):
-    """Active during ``sim.model``'s forward: routes captured functional calls to their quantizers."""
+    """Active during ``sim.model``'s forward: routes functional calls to their sites' quantizers."""
 
-    def __init__(self, runtime: SimRuntime) -> None:
+    def __init__(self, runtime: SimRuntime, state: ForwardState) -> None:
         super().__init__()
         self.runtime = runtime
+        self.fstate = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
+        st = self.fstate
+        scope = st.scope[-1]
+        if st.leaf_depth or scope is None:
+            return func(*args, **kwargs)
         rt = self.runtime
-        if rt.leaf_depth or func not in rt.layer_functions:
+        canonical = canonical_name(func)
+        if canonical not in rt.counted:
             return func(*args, **kwargs)
-        key = caller_key()
-        sites = rt.sites.get(key)
-        if sites is None:
-            return func(*args, **kwargs)
-        site = rt.next_site(key, sites)
+        counter = (scope, canonical)
+        ordinal = st.counts.get(counter, 0)
+        st.counts[counter] = ordinal + 1
+        key = (scope, canonical, ordinal)
+        site = rt.sites.get(key, MISSING)
         if site is None:
             return func(*args, **kwargs)
-        return site.call(func, args, kwargs)
+        if site is MISSING:
+            return rt.new_function_call(func, key, args, kwargs)
+        return site.call(func, args, kwargs, rt)
 
 
-class QuantizedLeaf:
-    """Mixin placed before a leaf module's own class: quantizes around its forward."""
+class ScopeHook:
+    """Forward pre/post hook of a non-leaf module: pushes/pops its name on the forward's scope."""
 
-    mixprec_sites: nn.ModuleList
-    _mixprec_runtime: SimRuntime
-    _mixprec_param_slots: list[tuple[nn.Module, str, str]]
+    def __init__(self, runtime: SimRuntime, name: str, enter: bool) -> None:
+        self.runtime = runtime
+        self.name = name
+        self.enter = enter
+
+    def __call__(self, module: nn.Module, args: Any, *rest: Any) -> None:
+        st = self.runtime.state()
+        if st is None:
+            return
+        if self.enter:
+            st.scope.append(self.name)
+        elif len(st.scope) > 1:
+            st.scope.pop()
+
+
+class RootForward:
+    """The root's instance ``forward``: quantizes model inputs and runs the forward in the mode."""
+
+    def __init__(self, module: nn.Module, runtime: SimRuntime) -> None:
+        self.module = module
+        self.runtime = runtime
 
     @property
-    def input_quantizers(self) -> nn.ModuleList:
-        return self.mixprec_sites[0].input_quantizers
+    def __wrapped__(self) -> Callable:
+        # inspect.signature(sim.model.forward) (transformers' generate reads it) sees the model's own
+        return types.MethodType(type(self.module).forward, self.module)
 
     @property
-    def output_quantizers(self) -> nn.ModuleList:
-        return self.mixprec_sites[0].output_quantizers
+    def __code__(self) -> types.CodeType:
+        # torch.export reads forward.__code__ for its diagnostics
+        return type(self.module).forward.__code__
 
-    @property
-    def param_quantizers(self) -> nn.ModuleDict:
-        return self.mixprec_sites[0].param_quantizers
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        rt = self._mixprec_runtime
-        sites = self.mixprec_sites
-        site = sites[0]
-        if len(sites) > 1 and rt.in_forward:
-            site = rt.next_site(id(self), sites)
-            if site is None:
-                raise CaptureError(
-                    f"module {type(self).__name__} was called more times in this forward than in the "
-                    f"capture run ({len(sites)}); build the sim with a dummy_input that takes the same path"
-                )
-        swapped = []
-        pq = site.param_quantizers
-        # Quantizer math runs inside the depth guard too, so the mode passes it straight through.
-        rt.leaf_depth += 1
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rt = self.runtime
+        original = type(self.module).forward
+        outer = rt.state()
+        if outer is not None:  # the root re-entered from its own forward: nothing new to set up
+            return original(self.module, *args, **kwargs)
+        st = ForwardState(rt)
+        rt.set_state(st)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            foreign.enter(st)
         try:
-            args, kwargs = site.quantize_inputs(args, kwargs)
-            for owner, attr, key in self._mixprec_param_slots:
-                q = pq[key]
-                if q is not None:
-                    original = owner._parameters[attr]
-                    swapped.append((owner, attr, original))
-                    owner._parameters[attr] = quantized_param(q, original)
-            output = super().forward(*args, **kwargs)
-            return site.quantize_outputs(output)
+            iq = rt.input_quantizers
+            if iq is not None and any(q is not None for q in iq._modules.values()):
+                args, kwargs = quantize_leaves((args, kwargs), iq, rt)
+            with QuantizationMode(rt, st):
+                return original(self.module, *args, **kwargs)
         finally:
-            for owner, attr, original in swapped:
-                owner._parameters[attr] = original
-            rt.leaf_depth -= 1
-
-
-class QuantizedRoot:
-    """Mixin placed before the root module's class: quantizes model inputs, enters the mode."""
-
-    _mixprec_runtime: SimRuntime
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        rt = self._mixprec_runtime
-        if rt.in_forward:
-            return super().forward(*args, **kwargs)
-        rt.in_forward = True
-        rt.counts.clear()
-        try:
-            if rt.input_quantizers is not None and any(q is not None for q in rt.input_quantizers):
-                args, kwargs = _quantize_leaves((args, kwargs), rt.input_quantizers)
-            with QuantizationMode(rt):
-                output = super().forward(*args, **kwargs)
-            rt.check_all_sites_ran()
-            return output
-        finally:
-            rt.in_forward = False
-            rt.leaf_depth = 0
+            if not compiling:
+                foreign.leave(st)
+            rt.set_state(None)
 
 
 class SequentialRootView:
@@ -318,28 +404,38 @@ class SequentialRootView:
         children = self._own_children()
         return nn.Sequential(*children[idx]) if isinstance(idx, slice) else children[idx]
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # the view class is made at run time: pickle the user's class, rebuild the view on load
+        return (_new_view, (original_class(self),), self.__dict__)
 
-_CLASS_CACHE: dict[tuple[type, ...], type] = {}
-_CLASS_MODULE = sys.modules[__name__]
+
+def _new_view(cls: type) -> nn.Module:
+    return object.__new__(_sequential_view(cls))
 
 
-def quantized_class(cls: type, *, leaf: bool, root: bool) -> type:
-    """A subclass of ``cls`` with the wrappers mixed in, cached and picklable by name."""
-    sequential_root = root and issubclass(cls, nn.Sequential)
-    mixins = tuple(
-        m
-        for m, on in ((QuantizedRoot, root), (SequentialRootView, sequential_root), (QuantizedLeaf, leaf))
-        if on
-    )
-    key = (*mixins, cls)
-    if key not in _CLASS_CACHE:
-        name = f"Quantized{'Root' if root else ''}{cls.__name__}"
-        while hasattr(_CLASS_MODULE, name):
+def quantized_class(cls: type, *, leaf: bool = False, root: bool = True) -> type:
+    """The one class mixprec still swaps: an ``nn.Sequential`` root gets a view that hides the
+    quantizer holders registered on it (its forward iterates over its children)."""
+    if not (root and issubclass(cls, nn.Sequential)):
+        return cls
+    return _sequential_view(cls)
+
+
+_VIEW_CACHE: dict[type, type] = {}
+
+
+def _sequential_view(cls: type) -> type:
+    if cls not in _VIEW_CACHE:
+        import sys
+
+        module = sys.modules[__name__]
+        name = f"Mixprec{cls.__name__}"
+        while hasattr(module, name):
             name += "_"
-        new = type(name, (*mixins, cls), {"__module__": __name__, "_mixprec_original_class": cls})
-        setattr(_CLASS_MODULE, name, new)
-        _CLASS_CACHE[key] = new
-    return _CLASS_CACHE[key]
+        new = type(name, (SequentialRootView, cls), {"__module__": __name__, "_mixprec_original_class": cls})
+        setattr(module, name, new)  # picklable by name
+        _VIEW_CACHE[cls] = new
+    return _VIEW_CACHE[cls]
 
 
 def original_class(module: nn.Module) -> type:

@@ -1,0 +1,76 @@
+"""One functional call site (``x + y``, ``torch.matmul``, ``F.linear``) and its quantizers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from mixprec.capture import op_types as ops
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mixprec.sim.runtime import LayerQuantizers, SimRuntime
+
+
+class FunctionalSite:
+    """A functional layer: its name, its quantizers and the order of the parameters it reads."""
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable,
+        quantizers: LayerQuantizers,
+        params: list[str],
+        has_places: bool = True,
+    ) -> None:
+        self.name = name
+        self.has_places = has_places
+        self.func = func
+        self.quantizers = quantizers
+        self.param_order = [p.replace(".", ":") for p in params]
+        self.in_place = ops.is_in_place(func)
+        self.dunder_in_place = getattr(func, "__name__", "").startswith("__i")
+
+    def call(self, func: Callable, args: tuple, kwargs: dict, rt: SimRuntime) -> Any:
+        q = self.quantizers
+        pq = q.param_quantizers._modules
+        if q.has_input_quantizers() or any(pq.get(k) is not None for k in self.param_order):
+            args, kwargs = self._quantize_arguments(args, kwargs, rt)
+        output = func(*args, **kwargs)
+        if self.in_place and not self.dunder_in_place:
+            return self.quantize_in_place(args, output, rt)
+        return q.quantize_outputs(output, rt)
+
+    def quantize_in_place(self, args: tuple, output: Any, rt: SimRuntime) -> Any:
+        """``x.add_(y)`` returns ``x``: quantize ``x`` itself, so later readers of it see the grid."""
+        oq = self.quantizers.output_quantizers._modules.get("0")
+        if oq is None or not args or not isinstance(args[0], torch.Tensor):
+            return output
+        target = args[0]
+        with torch.no_grad():
+            target.copy_(rt.apply(oq, target))
+        return output
+
+    def _quantize_arguments(self, args: tuple, kwargs: dict, rt: SimRuntime) -> tuple[tuple, dict]:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        slot = n_param = 0
+        q = self.quantizers
+        iq = q.input_quantizers._modules
+        pq = q.param_quantizers._modules
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, nn.Parameter):
+                if n_param < len(self.param_order):
+                    p = pq.get(self.param_order[n_param])
+                    if p is not None:
+                        leaves[i] = rt.quantized_param(p, leaf)
+                n_param += 1
+            elif isinstance(leaf, torch.Tensor):
+                inq = iq.get(str(slot))
+                if inq is not None:
+                    leaves[i] = rt.apply(inq, leaf)
+                slot += 1
+        return pytree.tree_unflatten(leaves, spec)

@@ -1,0 +1,257 @@
+"""Putting quantizers on ``sim.model``: at build from the captured graph, and later for call sites
+first seen at run time (a path ``dummy_input`` did not take).
+
+A site first seen at run time gets what the capture would have given it: a layer in the graph
+with a stable name, quantizers from the config defaults for its op type, a row in
+``precision_table()``. It is targetable by ``set_precision`` from then on and calibrated by the
+next ``compute_encodings`` (during which it is created observing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from mixprec.capture import op_types as ops
+from mixprec.capture.callsite import KNOWN_COMPUTE, SiteKey, site_name
+from mixprec.capture.graph import Layer, LayerKind, ParamRef
+from mixprec.capture.recorder import CaptureResult, is_leaf
+from mixprec.sim.forwards import LeafForward
+from mixprec.sim.placement import layer_templates
+from mixprec.sim.runtime import (
+    FunctionalSite,
+    LayerQuantizers,
+    RootForward,
+    ScopeHook,
+    SimRuntime,
+    param_key,
+    quantized_class,
+)
+
+if TYPE_CHECKING:
+    from mixprec.quantsim import QuantizationSimModel
+
+logger = logging.getLogger(__name__)
+
+
+class SiteBuilder:
+    """Builds the sim's quantizer holders and wires the runtime into ``sim.model``."""
+
+    def __init__(self, sim: QuantizationSimModel) -> None:
+        self.sim = sim
+        self._param_keys: dict[int, int] | None = None
+
+    # build --------------------------------------------------------------------------------
+    def install(self, result: CaptureResult) -> SimRuntime:
+        sim = self.sim
+        graph, placement = sim.graph, sim.placement
+        rt = SimRuntime()
+        rt.factory = self
+        # walked before the quantizer holders are attached (they would make leaves look like parents)
+        own_modules = [(name, m, is_leaf(m)) for name, m in sim.model.named_modules()]
+        sim._layer_quantizers = []
+        functional = nn.ModuleDict()
+        sites: dict[int, FunctionalSite] = {}
+        shared: dict[int, Any] = {}
+        for key, template in placement.params.items():
+            layer = graph.layers[sim._param_layers[key][0]]
+            ref = next(r for r in layer.params.values() if r.key == key)
+            shared[key] = sim._build(template, template.initial, ref.qualified_name)
+        for layer in graph.layers:
+            lq = self._quantizers(layer, shared)
+            sim._layer_quantizers.append(lq)
+            if layer.is_module:
+                self._attach(sim.model.get_submodule(layer.module_name), lq)
+            else:
+                functional[layer.name.replace(".", ":")] = lq
+                if self._has_places(layer):
+                    sites[layer.index] = FunctionalSite(layer.name, layer.op, lq, list(layer.params))
+        rt.sites = {key: None if index is None else sites.get(index) for key, index in result.sites.items()}
+        recorded = frozenset(key[1] for key, index in result.sites.items() if index is not None)
+        rt.counted = recorded | KNOWN_COMPUTE
+        rt.input_quantizers = nn.ModuleList(
+            [
+                None if t is None else sim._build(t, t.initial, f"model input {io.path}")
+                for t, io in zip(placement.model_inputs, graph.inputs, strict=True)
+            ]
+        )
+        root = sim.model
+        for name, module, leaf in own_modules:
+            module.__dict__["_mixprec_runtime"] = rt
+            if module is root:
+                continue
+            if leaf:
+                module.forward = LeafForward(module, name, rt)
+            else:
+                module.register_forward_pre_hook(ScopeHook(rt, name, True))
+                module.register_forward_hook(ScopeHook(rt, name, False), always_call=True)
+        root.mixprec_functional = functional
+        root.mixprec_input_quantizers = rt.input_quantizers
+        root.forward = RootForward(root, rt)
+        root.__class__ = quantized_class(type(root))
+        return rt
+
+    def _has_places(self, layer: Layer) -> bool:
+        p = self.sim.placement
+        return bool(layer.params) or any(p.inputs[layer.index]) or any(p.outputs[layer.index])
+
+    def _quantizers(self, layer: Layer, shared: dict[int, Any]) -> LayerQuantizers:
+        sim = self.sim
+        lq = LayerQuantizers(len(layer.inputs), len(layer.outputs), [param_key(n) for n in layer.params])
+        for slot, template in enumerate(sim.placement.inputs[layer.index]):
+            if template is not None:
+                lq.input_quantizers[slot] = sim._build(template, template.initial, f"{layer.name} input {slot}")
+        for slot, template in enumerate(sim.placement.outputs[layer.index]):
+            if template is not None:
+                lq.output_quantizers[slot] = sim._build(
+                    template, template.initial, f"{layer.name} output {slot}"
+                )
+        for name, ref in layer.params.items():
+            lq.param_quantizers[param_key(name)] = shared.get(ref.key)
+        return lq
+
+    @staticmethod
+    def _attach(module: nn.Module, lq: LayerQuantizers) -> None:
+        if "mixprec_sites" not in module._modules:
+            module.mixprec_sites = nn.ModuleList()
+            # AIMET-style access (module.param_quantizers["weight"]) to the first call site's holders;
+            # plain attributes, so state_dict keeps one key per quantizer
+            for attr in ("input_quantizers", "output_quantizers", "param_quantizers"):
+                module.__dict__[attr] = getattr(lq, attr)
+        module.mixprec_sites.append(lq)
+
+    # sites first seen at run time ---------------------------------------------------------
+    def new_function_site(
+        self, key: SiteKey, func: Callable, args: tuple, kwargs: dict, output: Any
+    ) -> FunctionalSite | None:
+        scope, canonical, ordinal = key
+        floats, params = self._inputs(pytree.tree_leaves((args, kwargs)), scope)
+        if not any(floats):
+            return None  # masks, indices, shapes: nothing a quantizer would sit on
+        if ops.is_in_place(func):
+            outs = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+        else:
+            outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+        sim = self.sim
+        layer = Layer(
+            index=len(sim.graph.layers),
+            name=site_name(scope, canonical, ordinal, set(sim._modules)),
+            kind=LayerKind.FUNCTION,
+            op=func,
+            type_name=canonical,
+            op_type=ops.function_op_type(canonical),
+            module_name=scope,
+            call_index=ordinal,
+            inputs=(None,) * len(floats),
+            outputs=(),
+            params=params,
+            data_movement=False,
+            input_is_float=tuple(floats),
+        )
+        lq = self._grow(layer, outs, None)
+        sim.model.mixprec_functional[layer.name.replace(".", ":")] = lq
+        if not self._has_places(layer):
+            return None
+        return FunctionalSite(layer.name, func, lq, list(params))
+
+    def new_module_site(
+        self, name: str, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> LayerQuantizers:
+        floats, _ = self._inputs(pytree.tree_leaves((args, kwargs)), name)
+        params = {}
+        for rel, param in module.named_parameters(remove_duplicate=False):
+            owner, _, attr = (f"{name}.{rel}" if name else rel).rpartition(".")
+            key, qualified = self._param_ref(param)
+            params[rel] = ParamRef(key, qualified, owner, attr, param.ndim)
+        outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+        layer = Layer(
+            index=len(self.sim.graph.layers),
+            name=name if index == 0 else f"{name}#{index}",
+            kind=LayerKind.MODULE,
+            op=type(module),
+            type_name=type(module).__name__,
+            op_type=ops.module_op_type(module),
+            module_name=name,
+            call_index=index,
+            inputs=(None,) * len(floats),
+            outputs=(),
+            params=params,
+            data_movement=ops.is_data_movement_module(module),
+            input_is_float=tuple(floats),
+        )
+        lq = self._grow(layer, outs, module)
+        self._attach(module, lq)
+        return lq
+
+    def _inputs(self, leaves: list, scope: str) -> tuple[list[bool], dict[str, ParamRef]]:
+        floats: list[bool] = []
+        params: dict[str, ParamRef] = {}
+        for leaf in leaves:
+            if isinstance(leaf, nn.Parameter):
+                key, qualified = self._param_ref(leaf)
+                owner, _, attr = qualified.rpartition(".")
+                rel = qualified[len(scope) + 1 :] if scope and qualified.startswith(scope + ".") else qualified
+                params[rel] = ParamRef(key, qualified, owner, attr, leaf.ndim)
+            elif isinstance(leaf, torch.Tensor):
+                floats.append(leaf.is_floating_point())
+        return floats, params
+
+    def _param_ref(self, param: torch.Tensor) -> tuple[int, str]:
+        """The ParamRef key of ``param`` (shared with the layers already reading it) and its name."""
+        sim = self.sim
+        if self._param_keys is None:
+            self._param_keys = {}
+            for layer in sim.graph.layers:
+                for ref in layer.params.values():
+                    p = sim.model.get_submodule(ref.owner)._parameters.get(ref.attr)
+                    if p is not None:
+                        self._param_keys.setdefault(id(p), ref.key)
+        names = {id(p): n for n, p in sim.model.named_parameters(remove_duplicate=False)}
+        key = self._param_keys.get(id(param))
+        if key is None:
+            key = max(sim.placement.params, default=-1) + 1
+            key = max(key, max(self._param_keys.values(), default=-1) + 1)
+            self._param_keys[id(param)] = key
+        return key, names.get(id(param), f"<parameter {key}>")
+
+    def _grow(self, layer: Layer, outs: list[torch.Tensor], module: nn.Module | None) -> LayerQuantizers:
+        sim = self.sim
+        graph, placement = sim.graph, sim.placement
+        layer.outputs = tuple(
+            graph.new_tensor(t.is_floating_point(), tuple(t.shape), (layer.index, k)) for k, t in enumerate(outs)
+        )
+        layer.output_is_float = tuple(t.is_floating_point() for t in outs)
+        ins, out_templates, param_templates = layer_templates(
+            layer, sim.config, module, sim.activation_precision, sim.param_precision
+        )
+        placement.inputs.append(ins)
+        placement.outputs.append(out_templates)
+        shared: dict[int, Any] = {}
+        fresh = []
+        for name, ref in layer.params.items():
+            readers = sim._param_layers.get(ref.key)
+            if readers:
+                shared[ref.key] = sim._layer_quantizers[readers[0]].param_quantizers[
+                    param_key(next(n for n, r in graph.layers[readers[0]].params.items() if r.key == ref.key))
+                ]
+            elif name in param_templates:
+                template = param_templates[name]
+                placement.params[ref.key] = template
+                shared[ref.key] = sim._build(template, template.initial, ref.qualified_name)
+                fresh.append(shared[ref.key])
+            sim._param_layers.setdefault(ref.key, []).append(layer.index)
+        graph.append(layer)
+        lq = self._quantizers(layer, shared)
+        sim._layer_quantizers.append(lq)
+        scheme = sim._runtime.calibration_scheme
+        if scheme is not None:
+            for q in lq.all_quantizers():
+                if not q.is_calibrating:
+                    q.begin_calibration(scheme, collect=not any(q is f for f in fresh))
+        logger.info("new layer %r (%s) on a path dummy_input did not take", layer.name, layer.type_name)
+        return lq
