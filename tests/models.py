@@ -240,3 +240,42 @@ class LinearStack(nn.Module):
 
 
 TINY_MODELS["linear_stack"] = LinearStack
+
+
+class Branchy(nn.Module):
+    """Takes ``a`` on positive sums and ``b`` otherwise: one of them is off the dummy input's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x) if x.sum() > 0 else torch.sigmoid(self.b(x))
+        return self.head(h)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6).abs()
+
+
+class Looped(nn.Module):
+    """One Linear applied ``n`` times with a residual add: each iteration is a call site of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, n: int = 3) -> torch.Tensor:
+        for _ in range(n):
+            x = x + torch.tanh(self.fc(x))
+        return x
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6)
+
+
+TINY_MODELS["branchy"] = Branchy
+TINY_MODELS["looped"] = Looped

@@ -292,7 +292,9 @@ def test_forward_taking_another_path_than_the_capture() -> None:
     sim = QuantizationSimModel(Branchy(), dummy_input=torch.randn(2, 4))
     sim.compute_encodings(lambda m, _: m(torch.randn(2, 4)), None)
     x = torch.randn(3, 4)
-    with pytest.raises(EncodingNotComputedError, match=r"layer 'sigmoid' first ran in this forward.*sigmoid output 0"):
+    with pytest.raises(
+        EncodingNotComputedError, match=r"layer 'sigmoid' first ran in this forward.*sigmoid output 0"
+    ):
         sim.model(x)
     with pytest.warns(UserWarning, match=r"no data reached 1 quantizer\(s\) \(relu output 0\).*keep"):
         sim.compute_encodings(lambda m, _: m(x), None)

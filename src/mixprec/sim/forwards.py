@@ -134,7 +134,9 @@ class LeafForward:
             if kind == "conv":
                 return m._conv_forward(x, w, b)
             if kind == "embedding":
-                return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+                return F.embedding(
+                    x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse
+                )
             if kind == "layer_norm":
                 return F.layer_norm(x, m.normalized_shape, w, b, m.eps)
             if kind == "hf_conv1d":

@@ -105,7 +105,9 @@ class SiteBuilder:
         lq = LayerQuantizers(len(layer.inputs), len(layer.outputs), [param_key(n) for n in layer.params])
         for slot, template in enumerate(sim.placement.inputs[layer.index]):
             if template is not None:
-                lq.input_quantizers[slot] = sim._build(template, template.initial, f"{layer.name} input {slot}")
+                lq.input_quantizers[slot] = sim._build(
+                    template, template.initial, f"{layer.name} input {slot}"
+                )
         for slot, template in enumerate(sim.placement.outputs[layer.index]):
             if template is not None:
                 lq.output_quantizers[slot] = sim._build(
@@ -195,7 +197,9 @@ class SiteBuilder:
             if isinstance(leaf, nn.Parameter):
                 key, qualified = self._param_ref(leaf)
                 owner, _, attr = qualified.rpartition(".")
-                rel = qualified[len(scope) + 1 :] if scope and qualified.startswith(scope + ".") else qualified
+                rel = (
+                    qualified[len(scope) + 1 :] if scope and qualified.startswith(scope + ".") else qualified
+                )
                 params[rel] = ParamRef(key, qualified, owner, attr, leaf.ndim)
             elif isinstance(leaf, torch.Tensor):
                 floats.append(leaf.is_floating_point())
@@ -223,7 +227,8 @@ class SiteBuilder:
         sim = self.sim
         graph, placement = sim.graph, sim.placement
         layer.outputs = tuple(
-            graph.new_tensor(t.is_floating_point(), tuple(t.shape), (layer.index, k)) for k, t in enumerate(outs)
+            graph.new_tensor(t.is_floating_point(), tuple(t.shape), (layer.index, k))
+            for k, t in enumerate(outs)
         )
         layer.output_is_float = tuple(t.is_floating_point() for t in outs)
         ins, out_templates, param_templates = layer_templates(

@@ -1,0 +1,210 @@
+"""The quantized forward at run time: new paths, loops, threads, isolation, saving, weight edits."""
+
+import copy
+import io
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from mixprec import EncodingNotComputedError, MixedPrecisionConfigurator, QuantizationSimModel
+
+from .models import build
+
+
+def calibrated(name, *batches, **kwargs):
+    model, x = build(name)
+    sim = QuantizationSimModel(model, dummy_input=x, **kwargs)
+    batches = batches or (x,)
+    sim.compute_encodings(lambda m, _: [m(b) for b in batches], None)
+    return model, x, sim
+
+
+def rows(sim):
+    return {r["name"]: r for r in sim.precision_table()}
+
+
+def test_module_on_a_path_not_taken_at_build_gets_quantizers():
+    model, x, sim = calibrated("branchy")
+    assert "b" not in rows(sim)
+    neg = -x
+    with pytest.raises(
+        EncodingNotComputedError, match=r"layer 'b' first ran in this forward.*b input 0|layer 'b'"
+    ):
+        sim.model(neg)
+    assert rows(sim)["b"]["params"]["weight"] == "int8"
+    with pytest.warns(UserWarning, match=r"no data reached .*a output 0"):
+        sim.compute_encodings(lambda m, _: m(neg), None)
+    assert rows(sim)["sigmoid"]["outputs"] == ["int8"]
+    out = sim.model(neg)
+    with torch.no_grad():
+        assert not torch.equal(out, model(neg))
+        assert (out - model(neg)).abs().max() < 0.1
+    # the recorded branch still runs, with its old encodings
+    sim.model(x)
+
+
+def test_new_layer_is_targetable_and_recalibrated():
+    model, x, sim = calibrated("branchy", torch.randn(2, 6).abs(), -torch.randn(2, 6).abs())
+    assert {"a", "b", "sigmoid"} <= set(rows(sim))
+    config = MixedPrecisionConfigurator(sim)
+    config.set_precision(sim.model.b, activation="int16", param={"weight": "int4"})
+    config.apply()
+    assert rows(sim)["b"]["params"]["weight"] == "int4" and rows(sim)["a"]["params"]["weight"] == "int8"
+    neg = -torch.randn(2, 6).abs()
+    sim.compute_encodings(lambda m, _: m(neg), None)
+    assert sim.model.b.param_quantizers["weight"].get_encoding().bitwidth == 4
+    sim.model(neg)
+
+
+def test_every_loop_iteration_is_a_layer_and_more_iterations_grow():
+    model, x, sim = calibrated("looped")
+    names = set(rows(sim))
+    assert {"fc", "fc#1", "fc#2", "add", "add_1", "add_2", "tanh_2"} <= names and "fc#3" not in names
+    with pytest.raises(EncodingNotComputedError, match="fc#3"):
+        sim.model(x, n=5)
+    sim.compute_encodings(lambda m, _: m(x, n=5), None)
+    assert {"fc#3", "fc#4", "add_4", "tanh_4"} <= set(rows(sim))
+    fc = sim.model.fc.mixprec_sites
+    assert len(fc) == 5 and fc[4].output_quantizers[0].is_initialized
+    sim.model(x, n=5)
+
+
+def test_concurrent_forwards_equal_serial_results():
+    _, x, sim = calibrated("functional")
+    inputs = [torch.randn(*x.shape) for _ in range(24)]
+    with torch.no_grad():
+        serial = [sim.model(t) for t in inputs]
+    results = [None] * len(inputs)
+    errors = []
+
+    def work(offset):
+        try:
+            with torch.no_grad():
+                for i in range(offset, len(inputs), 3):
+                    results[i] = sim.model(inputs[i])
+        except Exception as exc:  # collected: the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(a, b) for a, b in zip(serial, results, strict=True))
+
+
+def test_models_run_inside_the_sim_forward_are_untouched():
+    model, x, sim = calibrated("functional")
+    other_model, _ = build("functional")  # same class, float
+    _, _, other_sim = calibrated("functional", default_output_bw=4)
+    seen = {}
+
+    def hook(module, args, output):
+        seen["float"] = other_model(x)
+        seen["sim"] = other_sim.model(x)
+
+    with torch.no_grad():
+        alone_float, alone_sim, alone_self = other_model(x), other_sim.model(x), sim.model(x)
+        handle = sim.model.q.register_forward_hook(hook)
+        inside = sim.model(x)
+        handle.remove()
+    assert torch.equal(seen["float"], alone_float)
+    assert torch.equal(seen["sim"], alone_sim)
+    assert torch.equal(inside, alone_self)
+    assert not set(rows(sim)) - set(rows(copy.deepcopy(sim)))  # no layers were added by the hook
+
+
+def test_torch_save_load_deepcopy_and_state_dict_round_trips():
+    model, x, sim = calibrated("small_cnn")
+    with torch.no_grad():
+        expected = sim.model(x)
+    buffer = io.BytesIO()
+    torch.save(sim.model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(sim)
+    fresh = QuantizationSimModel(model, dummy_input=x)
+    fresh.model.load_state_dict(sim.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+        assert torch.equal(copied.model(x), expected)
+        assert torch.equal(fresh.model(x), expected)
+    assert isinstance(loaded.stem, nn.Conv2d) and type(loaded.stem) is nn.Conv2d
+
+
+def test_deepcopied_sim_grows_on_new_paths():
+    _, x, sim = calibrated("branchy")
+    copied = copy.deepcopy(sim)
+    with pytest.raises(EncodingNotComputedError, match="layer 'b'"):
+        copied.model(-x)
+    assert "b" in rows(copied) and "b" not in rows(sim)
+
+
+@pytest.mark.parametrize("edit", ["data_assign", "copy_", "load_state_dict", "optimizer"])
+def test_weight_edits_show_in_the_next_forward(edit):
+    _, x, sim = calibrated("reshape_chain")
+    fc = sim.model.fc1
+    with torch.no_grad():
+        before = sim.model(x)
+        sim.model(x)  # the cached fake-quantized weight is in use now
+        new = fc.weight.detach() * 0.5
+        if edit == "data_assign":
+            fc.weight.data = new.clone()
+        elif edit == "copy_":
+            fc.weight.copy_(new)
+        elif edit == "load_state_dict":
+            state = sim.model.state_dict()
+            state["fc1.weight"] = new.clone()
+            sim.model.load_state_dict(state)
+    if edit == "optimizer":
+        optimizer = torch.optim.SGD([fc.weight], lr=1.0)
+        fc.weight.grad = fc.weight.detach() * 0.5
+        optimizer.step()
+    with torch.no_grad():
+        after = sim.model(x)
+        sim.cache_quantized_weights = False
+        uncached = sim.model(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, uncached)
+
+
+def test_call_sites_do_not_depend_on_source_files():
+    source = (
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return torch.relu(self.fc(x)) + x\n"
+    )
+    names = []
+    for filename in ("<one>", "mixprec/internal.py"):
+        scope = {}
+        exec(compile(source, filename, "exec"), scope)
+        torch.manual_seed(0)
+        sim = QuantizationSimModel(scope["M"](), dummy_input=torch.randn(2, 4))
+        names.append(list(rows(sim)))
+    assert names[0] == names[1] == ["fc", "relu", "add"]
+
+
+def test_mapping_dummy_input_is_keyword_inputs():
+    from transformers import BatchEncoding
+
+    model, x = build("reshape_chain")
+    sim = QuantizationSimModel(model, dummy_input=BatchEncoding({"x": x}))
+    assert [io.path for io in sim.graph.inputs] == ["x"]
+
+
+def test_compiled_sim_traces_one_graph_and_matches_eager():
+    _, x, sim = calibrated("functional")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = sim.model(x)
+        explained = torch._dynamo.explain(sim.model)(x)
+        compiled = torch.compile(sim.model, fullgraph=True, backend="aot_eager")(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert torch.allclose(compiled, eager, atol=1e-6)
