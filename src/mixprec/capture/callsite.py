@@ -17,6 +17,7 @@ ones at run time gives the same ordinals.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from mixprec.capture import op_types as ops
@@ -77,3 +78,31 @@ def site_name(scope: str, canonical: str, ordinal: int, module_names: frozenset[
     base = f"{scope}.{canonical}" if scope else canonical
     name = base if ordinal == 0 else f"{base}_{ordinal}"
     return f"{name}()" if name in module_names else name
+
+
+# Where a key/value cache of transformers appends new keys and values (the KV cache).
+_CACHE_MODULES = ("transformers.cache_utils",)
+
+
+def is_kv_cache_call() -> bool:
+    """Whether the torch call being handled was made by a transformers KV-cache update.
+
+    Only for *naming* a site when it is created (capture, or a path first seen in an eager
+    forward): identity never depends on the stack, so dynamo never runs this.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "torch" or name.startswith(("torch.", "mixprec."))):
+            return name.startswith(_CACHE_MODULES)
+        frame = frame.f_back
+    return False
+
+
+def kv_cache_name(scope: str, index: int) -> str:
+    """The index-th cache append of a module: keys and values alternate (``kv_cache.key``, ``kv_cache.value``,
+    then ``kv_cache.key_1`` ... for a module updating more than one cache in a forward)."""
+    role = "key" if index % 2 == 0 else "value"
+    n = index // 2
+    base = f"{scope}.kv_cache.{role}" if scope else f"kv_cache.{role}"
+    return base if n == 0 else f"{base}_{n}"

@@ -25,7 +25,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from mixprec.capture import op_types as ops
-from mixprec.capture.callsite import SiteKey, canonical_name, is_counted, site_name
+from mixprec.capture.callsite import (
+    SiteKey,
+    canonical_name,
+    is_counted,
+    is_kv_cache_call,
+    kv_cache_name,
+    site_name,
+)
 from mixprec.capture.graph import Graph, Layer, LayerKind, ModelIO, ParamRef, TensorNode
 from mixprec.errors import CaptureError
 
@@ -109,6 +116,7 @@ class _Recorder:
         self.sites: dict[SiteKey, int | None] = {}
         self.module_call_counts: dict[str, int] = {}
         self.ordinals: dict[tuple[str, str], int] = {}
+        self.kv_counts: dict[str, int] = {}
         self.leaf_modules: dict[str, nn.Module] = {}
 
     # tensors -------------------------------------------------------------------------
@@ -236,8 +244,13 @@ class _Recorder:
             qualified, owner, attr = self.param_home[pkey]
             rel = qualified[len(scope) + 1 :] if scope and qualified.startswith(scope + ".") else qualified
             params[rel] = ParamRef(pkey, qualified, owner, attr, param.ndim)
+        name = site_name(scope, canonical, key[2], self.all_module_names)
+        if canonical == "cat" and is_kv_cache_call():
+            count = self.kv_counts.get(scope, 0)
+            self.kv_counts[scope] = count + 1
+            name = kv_cache_name(scope, count)
         layer = self.add_layer(
-            name=site_name(scope, canonical, key[2], self.all_module_names),
+            name=name,
             kind=LayerKind.FUNCTION,
             op=func,
             type_name=canonical,

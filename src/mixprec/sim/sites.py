@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from mixprec.capture import op_types as ops
-from mixprec.capture.callsite import KNOWN_COMPUTE, SiteKey, site_name
+from mixprec.capture.callsite import KNOWN_COMPUTE, SiteKey, is_kv_cache_call, kv_cache_name, site_name
 from mixprec.capture.graph import Layer, LayerKind, ParamRef
 from mixprec.capture.recorder import CaptureResult, is_leaf
 from mixprec.sim.forwards import LeafForward
@@ -140,9 +140,13 @@ class SiteBuilder:
         else:
             outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
         sim = self.sim
+        name = site_name(scope, canonical, ordinal, set(sim._modules))
+        if canonical == "cat" and is_kv_cache_call():
+            prefix = f"{scope}.kv_cache." if scope else "kv_cache."
+            name = kv_cache_name(scope, sum(1 for layer in sim.graph.layers if layer.name.startswith(prefix)))
         layer = Layer(
             index=len(sim.graph.layers),
-            name=site_name(scope, canonical, ordinal, set(sim._modules)),
+            name=name,
             kind=LayerKind.FUNCTION,
             op=func,
             type_name=canonical,
