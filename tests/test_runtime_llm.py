@@ -1,0 +1,134 @@
+"""Language models as people run them: any dummy input, cache on/off, padding, labels, generate()."""
+
+import warnings
+
+import pytest
+import torch
+
+from mixprec import MixedPrecisionConfigurator, QuantizationSimModel
+
+from .models import tiny_gpt2, tiny_llama
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(cfg).eval(), None
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(
+        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )  # fmt: skip
+    return BartForConditionalGeneration(cfg).eval(), None
+
+
+FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bart": tiny_bart}
+
+
+def sqnr_db(reference, test):
+    return (10 * torch.log10(reference.pow(2).mean() / (reference - test).pow(2).mean())).item()
+
+
+def ids(batch, seq, seed):
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def padded(batch, seq, left, seed):
+    x = ids(batch, seq, seed)
+    mask = torch.ones_like(x)
+    if batch > 1:
+        if left:
+            mask[0, : seq // 3] = 0
+        else:
+            mask[0, seq - seq // 3 :] = 0
+    return x, mask
+
+
+def workload(model, encoder_decoder):
+    """Every kind of forward this file checks: cache on/off, padding both sides, labels, generate."""
+    for batch, seq in ((1, 7), (3, 16), (2, 40)):
+        for left in (False, True):
+            x, mask = padded(batch, seq, left, seed=batch * seq)
+            extra = {"decoder_input_ids": x[:, :5]} if encoder_decoder else {}
+            model(x, attention_mask=mask, **extra)
+            model(x, attention_mask=mask, use_cache=False, **extra)
+            model(x, attention_mask=mask, labels=x, use_cache=False)
+        for use_cache in (True, False):
+            model.generate(x[:, :6], attention_mask=mask[:, :6], max_new_tokens=3, do_sample=False, use_cache=use_cache)
+
+
+def dummy_of(kind, encoder_decoder):
+    x = ids(2, 8, seed=1)
+    extra = {"decoder_input_ids": x[:, :4]} if encoder_decoder else {}
+    if kind == "tensor":
+        return x if not encoder_decoder else {"input_ids": x, **extra}
+    if kind == "tuple":
+        return (x,) if not encoder_decoder else {"input_ids": x, "labels": x[:, :4]}
+    if kind == "dict_cache_off":
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "use_cache": False, **extra}
+    from transformers import BatchEncoding
+
+    return BatchEncoding({"input_ids": x, "attention_mask": torch.ones_like(x), **extra})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, dummy",
+    [("llama", "tensor"), ("llama", "dict_cache_off"), ("qwen2", "batch_encoding"), ("gpt2", "tuple"),
+     ("bart", "dict_cache_off")],
+)  # fmt: skip
+def test_forwards_people_run_are_quantized(name, dummy):
+    model, _ = FACTORIES[name]()
+    encoder_decoder = name == "bart"
+    sim = QuantizationSimModel(model, dummy_input=dummy_of(dummy, encoder_decoder), config_file="per_channel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notes on generate's defaults
+        sim.compute_encodings(lambda m, _: workload(m, encoder_decoder), None)
+        quantizers = [q for _, q in sim.quantizers()]
+        assert quantizers and all(q.is_initialized for q in quantizers)
+        table = {row["name"] for row in sim.precision_table()}
+        assert any(".kv_cache.key" in n for n in table) and any(".kv_cache.value" in n for n in table)
+        with torch.no_grad():
+            # every path runs quantized: no error, and outputs are not the float model's
+            workload(sim.model, encoder_decoder)
+            x, mask = padded(3, 16, True, seed=7)
+            extra = {"decoder_input_ids": x[:, :5]} if encoder_decoder else {}
+            for use_cache in (True, False):
+                out = sim.model(x, attention_mask=mask, use_cache=use_cache, **extra).logits
+                ref = model(x, attention_mask=mask, use_cache=use_cache, **extra).logits
+                assert not torch.equal(out, ref) and sqnr_db(ref, out) > 15
+            loss = sim.model(x, attention_mask=mask, labels=x).loss
+            assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_kv_cache_recipe(precision):
+    model, _ = tiny_llama()
+    prompt = ids(2, 6, seed=3)
+    sim = QuantizationSimModel(model, dummy_input=prompt, default_output_bw=16, config_file="per_channel")
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision("model.layers.*.self_attn.kv_cache.*", activation=precision)
+    mp.apply()
+    rows = {row["name"]: row for row in sim.precision_table()}
+    expected = "fp8_e4m3" if precision == "fp8" else "int8"
+    for layer in (0, 1):
+        for role in ("key", "value"):
+            assert rows[f"model.layers.{layer}.self_attn.kv_cache.{role}"]["outputs"] == [expected]
+        attention = rows[f"model.layers.{layer}.self_attn.scaled_dot_product_attention"]
+        assert attention["effective_inputs"][1:] == [expected, expected]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim.compute_encodings(lambda m, _: m.generate(prompt, max_new_tokens=4, do_sample=False), None)
+        out = sim.model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 10)
