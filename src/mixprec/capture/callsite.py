@@ -20,6 +20,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import torch
+
 from mixprec.capture import op_types as ops
 
 # (scope module name, canonical function name, ordinal within that scope in one forward)
@@ -29,7 +31,13 @@ _CANONICAL_CACHE: dict[Callable, str] = {}
 
 
 def canonical_name(func: Callable) -> str:
-    """``ops.function_name`` memoized per function object (it runs for every torch call)."""
+    """``ops.function_name`` memoized per function object (it runs for every torch call).
+
+    Under dynamo only the memo is read: a function no eager forward ever called is not a site
+    there (``""``), and dynamo cannot evaluate the name logic on every kind of callable.
+    """
+    if torch.compiler.is_compiling():
+        return _CANONICAL_CACHE.get(func, "")
     try:
         return _CANONICAL_CACHE[func]
     except (KeyError, TypeError):

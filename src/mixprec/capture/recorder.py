@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from mixprec.capture import op_types as ops
+from mixprec.capture import sdpa
 from mixprec.capture.callsite import (
     SiteKey,
     canonical_name,
@@ -276,6 +277,8 @@ class _CaptureMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.recorder.leaf_depth:
             return func(*args, **kwargs)
+        if canonical_name(func) == sdpa.NAME:
+            return sdpa.decomposed_sdpa(self.recorder.functional_call, *args, **kwargs)
         return self.recorder.functional_call(func, args, kwargs)
 
 

@@ -189,6 +189,8 @@ def _fq_uint8_grid(x: torch.Tensor, qp: QParams) -> torch.Tensor | None:
     round half to even on ``x * (1/scale)``). None when the grid or the dtype does not fit."""
     if not _QUINT8_PATH[0] or x.dtype != torch.float32 or not isinstance(qp.scale, float):
         return None
+    if torch.compiler.is_compiling():
+        return None  # compilers fuse the composed form; quantized dtypes do not trace
     if not isinstance(qp.lo, float) or qp.hi - qp.lo != 255.0:
         return None
     try:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mixprec.capture import sdpa
 from mixprec.capture.callsite import SiteKey, canonical_name
 from mixprec.errors import CaptureError
 from mixprec.sim import foreign
@@ -221,8 +222,10 @@ class SimRuntime:
     # sites first seen at run time ---------------------------------------------------------
     def new_function_call(self, func: Callable, key: SiteKey, args: tuple, kwargs: dict) -> Any:
         output = func(*args, **kwargs)
-        if self.tracing is not None:
-            return output  # export checks on its own which quantizers reached the graph
+        if self.tracing is not None or torch.compiler.is_compiling():
+            # export checks on its own which quantizers reached the graph; under torch.compile no
+            # quantizer can be created inside the trace (libraries build masks differently there)
+            return output
         name = f"{key[0]}.{key[1]}" if key[0] else key[1]
         self._check_can_grow(f"function call {name} (call {key[2]} in its module)")
         with self._lock:
@@ -313,8 +316,18 @@ class QuantizationMode(TorchFunctionMode):
         scope = st.scope[-1]
         if st.leaf_depth or scope is None:
             return func(*args, **kwargs)
-        rt = self.runtime
         canonical = canonical_name(func)
+        if canonical == sdpa.NAME:
+            return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
+        return self.dispatch(func, args, kwargs, canonical)
+
+    def dispatch(self, func: Callable, args: tuple, kwargs: dict, canonical: str | None = None) -> Any:
+        """Run one functional call at its site: counted, looked up, quantized (or grown)."""
+        st = self.fstate
+        scope = st.scope[-1]
+        rt = self.runtime
+        if canonical is None:
+            canonical = canonical_name(func)
         if canonical not in rt.counted:
             return func(*args, **kwargs)
         counter = (scope, canonical)
