@@ -125,10 +125,46 @@ def test_kv_cache_recipe(precision):
     for layer in (0, 1):
         for role in ("key", "value"):
             assert rows[f"model.layers.{layer}.self_attn.kv_cache.{role}"]["outputs"] == [expected]
-        attention = rows[f"model.layers.{layer}.self_attn.scaled_dot_product_attention"]
-        assert attention["effective_inputs"][1:] == [expected, expected]
+        # sdpa is decomposed in the sim: Q·K^T reads the cached keys, weights·V the cached values
+        assert rows[f"model.layers.{layer}.self_attn.matmul"]["effective_inputs"][1] == expected
+        assert rows[f"model.layers.{layer}.self_attn.matmul_1"]["effective_inputs"][1] == expected
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sim.compute_encodings(lambda m, _: m.generate(prompt, max_new_tokens=4, do_sample=False), None)
         out = sim.model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 10)
+
+
+def test_sdpa_attention_is_controllable_like_eager_attention():
+    import torch.nn.functional as F
+
+    from mixprec import forward_batches
+
+    x = ids(2, 16, seed=99)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # left padding
+    results = {}
+    for attention in ("eager", "sdpa"):
+        model, inputs = tiny_llama(attention=attention)
+        sim = QuantizationSimModel(model, dummy_input=inputs, config_file="per_channel")
+        mp = MixedPrecisionConfigurator(sim)
+        mp.set_precision(F.softmax, activation="int16", within="model.layers.*.self_attn.*")
+        mp.set_precision(torch.matmul, activation="int16", within="model.layers.*.self_attn.*")
+        report = mp.apply(strict=True)
+        assert any("self_attn.softmax" in c["layer"] or "self_attn.matmul" in c["layer"] for c in report.changes)
+        batches = [{"input_ids": ids(2, 16, seed=i), "use_cache": False} for i in range(3)]
+        sim.compute_encodings(forward_batches(batches, progress=False), None)
+        with torch.no_grad():
+            ref = model(x, attention_mask=mask, use_cache=False).logits[mask.bool()]
+            out = sim.model(x, attention_mask=mask, use_cache=False).logits[mask.bool()]
+        results[attention] = (sqnr_db(ref, out), {r["name"] for r in sim.precision_table()})
+    assert abs(results["eager"][0] - results["sdpa"][0]) < 0.5
+    assert results["eager"][1] == results["sdpa"][1]
+    assert "model.layers.0.self_attn.softmax" in results["sdpa"][1]
+
+
+def test_request_matching_nothing_warns_naming_it():
+    model, inputs = tiny_gpt2()
+    sim = QuantizationSimModel(model, dummy_input=inputs)
+    with pytest.warns(UserWarning, match=r"set_precision\(torch.*bmm.* matches no quantized layer"):
+        MixedPrecisionConfigurator(sim).set_precision(torch.bmm, activation="int16")

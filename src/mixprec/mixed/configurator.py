@@ -79,6 +79,13 @@ class MixedPrecisionConfigurator:
             if not layers and kind is not TargetKind.MODULE_CLASS and kind is not TargetKind.FUNCTION:
                 raise RequestError(f"target {description!r} matches no quantized layer")
         _targets.check_layer_arguments(self.sim, layers, activation_parsed, is_list, params)
+        if not layers:
+            # allowed (a function or class the model may call on paths not run yet), but say so
+            warnings.warn(
+                f"set_precision({description}) matches no quantized layer of sim.model (yet); it applies "
+                "to layers first seen later only if set_precision is called again after they ran",
+                stacklevel=2,
+            )
         self._record(RequestKind.LAYER, description, kind, location, layers=layers,
                      activation=activation_parsed, activation_is_list=is_list, params=params)  # fmt: skip
 
