@@ -158,8 +158,9 @@ def test_sdpa_attention_is_controllable_like_eager_attention():
             ref = model(x, attention_mask=mask, use_cache=False).logits[mask.bool()]
             out = sim.model(x, attention_mask=mask, use_cache=False).logits[mask.bool()]
         results[attention] = (sqnr_db(ref, out), {r["name"] for r in sim.precision_table()})
-    assert abs(results["eager"][0] - results["sdpa"][0]) < 0.5
-    assert results["eager"][1] == results["sdpa"][1]
+    # same layers but the eager mask add, whose int8 output cannot hold both the scores and -3e38
+    assert results["eager"][1] - results["sdpa"][1] == {f"model.layers.{i}.self_attn.add_2" for i in (0, 1)}
+    assert results["sdpa"][0] >= results["eager"][0] - 0.5
     assert "model.layers.0.self_attn.softmax" in results["sdpa"][1]
 
 

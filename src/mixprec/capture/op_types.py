@@ -100,7 +100,7 @@ DATA_MOVEMENT_FUNCTIONS = frozenset(
         "expand_as", "repeat", "repeat_interleave", "tile", "narrow", "select", "index_select",
         "gather", "roll", "flip", "clone", "detach", "to", "float", "type_as", "type", "cpu",
         "cuda", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "broadcast_to", "dropout",
-        "__get__",
+        "__get__", "attention_mask",
     }
 )  # fmt: skip
 

@@ -1,10 +1,10 @@
 """``F.scaled_dot_product_attention`` as the calls eager attention makes, so each is a layer.
 
 Inside a sim, a fused attention call would be one layer quantized only at q, k, v and its output.
-Decomposed, it is the same sequence of layers as transformers' eager attention: ``matmul``
-(Q·K^T), ``mul`` (scale), ``add`` (the mask, as an additive float mask), ``softmax`` (in float32)
-and ``matmul`` (weights·V). Requests on ``F.softmax`` / ``torch.matmul`` then reach them, and a
-sim of an sdpa model quantizes like one of the eager-attention model (see docs/capture.md).
+Decomposed, it is the sequence of layers of transformers' eager attention: ``matmul`` (Q·K^T),
+``mul`` (scale), the mask (an additive float mask, applied as a data-movement step
+``attention_mask`` rather than a quantized ``add``), ``softmax`` (in float32) and ``matmul``
+(weights·V). Requests on ``F.softmax`` / ``torch.matmul`` then reach them (see docs/capture.md).
 """
 
 from __future__ import annotations
@@ -45,12 +45,18 @@ def decomposed_sdpa(
     scores = call(torch.mul, (scores, factor), {})
     bias = _additive_mask(query, key, scores.dtype, attn_mask, is_causal)
     if bias is not None:
-        scores = call(torch.add, (scores, bias), {})
+        scores = call(attention_mask, (scores, bias), {})
     weights = call(torch.softmax, (scores,), {"dim": -1, "dtype": torch.float32})
     weights = weights.to(query.dtype)
     if dropout_p > 0.0:
         weights = torch.dropout(weights, dropout_p, True)
     return call(torch.matmul, (weights, value), {})
+
+
+def attention_mask(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Adds the additive mask; a data-movement step (``op_types``), not a quantized ``add``: an
+    output quantizer there would have to span the mask's -3e38 and erase the scores' resolution."""
+    return scores + bias
 
 
 def _additive_mask(
