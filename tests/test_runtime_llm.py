@@ -65,7 +65,9 @@ def workload(model, encoder_decoder):
             model(x, attention_mask=mask, use_cache=False, **extra)
             model(x, attention_mask=mask, labels=x, use_cache=False)
         for use_cache in (True, False):
-            model.generate(x[:, :6], attention_mask=mask[:, :6], max_new_tokens=3, do_sample=False, use_cache=use_cache)
+            model.generate(
+                x[:, :6], attention_mask=mask[:, :6], max_new_tokens=3, do_sample=False, use_cache=use_cache
+            )
 
 
 def dummy_of(kind, encoder_decoder):
@@ -151,7 +153,9 @@ def test_sdpa_attention_is_controllable_like_eager_attention():
         mp.set_precision(F.softmax, activation="int16", within="model.layers.*.self_attn.*")
         mp.set_precision(torch.matmul, activation="int16", within="model.layers.*.self_attn.*")
         report = mp.apply(strict=True)
-        assert any("self_attn.softmax" in c["layer"] or "self_attn.matmul" in c["layer"] for c in report.changes)
+        assert any(
+            "self_attn.softmax" in c["layer"] or "self_attn.matmul" in c["layer"] for c in report.changes
+        )
         batches = [{"input_ids": ids(2, 16, seed=i), "use_cache": False} for i in range(3)]
         sim.compute_encodings(forward_batches(batches, progress=False), None)
         with torch.no_grad():

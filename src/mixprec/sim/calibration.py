@@ -30,13 +30,13 @@ def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], ar
         collect = place.kind is not PlaceKind.PARAM and q.is_overwrite_allowed()
         q.begin_calibration(sim.quant_scheme, collect=collect)
     # layers first seen during the pass are created observing (see mixprec.sim.sites)
-    sim._runtime.calibration_scheme = sim.quant_scheme
+    sim.runtime.calibration_scheme = sim.quant_scheme
     known = {id(q) for _, q in entries}
     try:
         with torch.no_grad():
             # under torch.distributed this also combines the statistics of every rank
             run_calibration_pass(sim, entries, callback, args)
-        sim._runtime.calibration_scheme = None
+        sim.runtime.calibration_scheme = None
         entries += [(place, q) for place, q in sim.quantizers() if id(q) not in known]
         unreached = _unreached(entries)
         for place, q in entries:
@@ -49,7 +49,7 @@ def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], ar
             else:
                 q.end_calibration()
     except BaseException as exc:
-        sim._runtime.calibration_scheme = None
+        sim.runtime.calibration_scheme = None
         saved += [(q, None) for _, q in sim.quantizers() if id(q) not in known]
         for q, encoding in saved:
             q.abort_calibration()

@@ -11,13 +11,10 @@ forward runs, and cost other threads one thread-local lookup per module call mea
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 from torch.nn.modules import module as module_hooks
-
-if TYPE_CHECKING:
-    from mixprec.sim.runtime import ForwardState
 
 _local = threading.local()
 _lock = threading.Lock()
@@ -25,7 +22,7 @@ _users = 0
 _handles: list[Any] = []
 
 
-def _active() -> list[ForwardState] | None:
+def _active() -> list[Any] | None:
     return _local.__dict__.get("active")
 
 
@@ -49,7 +46,7 @@ def _post(module: nn.Module, args: Any, output: Any) -> None:
             st.scope.pop()
 
 
-def enter(state: ForwardState) -> None:
+def enter(state: Any) -> None:
     """Start watching for foreign modules during ``state``'s forward (this thread)."""
     global _users
     active = _active()
@@ -63,7 +60,7 @@ def enter(state: ForwardState) -> None:
             _handles.append(module_hooks.register_module_forward_hook(_post, always_call=True))
 
 
-def leave(state: ForwardState) -> None:
+def leave(state: Any) -> None:
     global _users
     active = _active()
     if active and active[-1] is state:

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-if TYPE_CHECKING:
-    from mixprec.sim.runtime import LayerQuantizers, SimRuntime
 
-
-def quantize_leaves(value: Any, quantizers: nn.ModuleList, rt: SimRuntime) -> Any:
+def quantize_leaves(value: Any, quantizers: nn.ModuleList, rt: Any) -> Any:
     """Apply ``quantizers[k]`` to the k-th non-parameter tensor leaf of ``value``."""
     qs = quantizers._modules
     if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
@@ -65,7 +62,7 @@ class LeafForward:
         params: ``(relative name, owner module, attribute)`` of each parameter it reads.
     """
 
-    def __init__(self, module: nn.Module, name: str, runtime: SimRuntime) -> None:
+    def __init__(self, module: nn.Module, name: str, runtime: Any) -> None:
         self.module = module
         self.name = name
         self.runtime = runtime
@@ -107,7 +104,7 @@ class LeafForward:
             if st is not None:
                 st.leaf_depth -= 1
 
-    def run(self, site: LayerQuantizers, args: tuple, kwargs: dict) -> Any:
+    def run(self, site: Any, args: tuple, kwargs: dict) -> Any:
         rt = self.runtime
         args, kwargs = site.quantize_inputs(args, kwargs, rt)
         quantized = {}

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from mixprec.capture import op_types as ops
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from mixprec.sim.runtime import LayerQuantizers, SimRuntime
 
 
 class FunctionalSite:
@@ -23,7 +19,7 @@ class FunctionalSite:
         self,
         name: str,
         func: Callable,
-        quantizers: LayerQuantizers,
+        quantizers: Any,
         params: list[str],
         has_places: bool = True,
     ) -> None:
@@ -35,7 +31,7 @@ class FunctionalSite:
         self.in_place = ops.is_in_place(func)
         self.dunder_in_place = getattr(func, "__name__", "").startswith("__i")
 
-    def call(self, func: Callable, args: tuple, kwargs: dict, rt: SimRuntime) -> Any:
+    def call(self, func: Callable, args: tuple, kwargs: dict, rt: Any) -> Any:
         q = self.quantizers
         pq = q.param_quantizers._modules
         if q.has_input_quantizers() or any(pq.get(k) is not None for k in self.param_order):
@@ -45,7 +41,7 @@ class FunctionalSite:
             return self.quantize_in_place(args, output, rt)
         return q.quantize_outputs(output, rt)
 
-    def quantize_in_place(self, args: tuple, output: Any, rt: SimRuntime) -> Any:
+    def quantize_in_place(self, args: tuple, output: Any, rt: Any) -> Any:
         """``x.add_(y)`` returns ``x``: quantize ``x`` itself, so later readers of it see the grid."""
         oq = self.quantizers.output_quantizers._modules.get("0")
         if oq is None or not args or not isinstance(args[0], torch.Tensor):
@@ -55,7 +51,7 @@ class FunctionalSite:
             target.copy_(rt.apply(oq, target))
         return output
 
-    def _quantize_arguments(self, args: tuple, kwargs: dict, rt: SimRuntime) -> tuple[tuple, dict]:
+    def _quantize_arguments(self, args: tuple, kwargs: dict, rt: Any) -> tuple[tuple, dict]:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         slot = n_param = 0
         q = self.quantizers

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,16 +33,18 @@ from mixprec.sim.runtime import (
     quantized_class,
 )
 
-if TYPE_CHECKING:
-    from mixprec.quantsim import QuantizationSimModel
-
 logger = logging.getLogger(__name__)
 
 
 class SiteBuilder:
-    """Builds the sim's quantizer holders and wires the runtime into ``sim.model``."""
+    """Builds the sim's quantizer holders and wires the runtime into ``sim.model``.
 
-    def __init__(self, sim: QuantizationSimModel) -> None:
+    ``sim`` is the ``QuantizationSimModel`` being built (typed ``Any``: this layer sits below it);
+    the builder reads its graph, placement, config and default precisions and extends its
+    per-layer tables when a site first runs.
+    """
+
+    def __init__(self, sim: Any) -> None:
         self.sim = sim
         self._param_keys: dict[int, int] | None = None
 

@@ -56,7 +56,7 @@ class PrecisionState(PrecisionView, Protocol):
         quant_scheme: how activation encodings are computed.
         activation_precision / param_precision: the sim's default precisions.
         leaf_module_names: qualified names of the modules the capture treated as leaves.
-        runtime: the sim's runtime (export switches its checks off while tracing).
+        runtime: the sim's runtime (export sets its tracing state; calibration its calibration scheme).
     """
 
     model: nn.Module
