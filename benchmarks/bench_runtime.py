@@ -1,0 +1,174 @@
+"""The quantized forward's cost next to the float model's, measured side by side in one process.
+
+Usage: python benchmarks/bench_runtime.py [--quick] [--compile] [--sections a,b]
+Prints a table and writes benchmarks/results/runtime.json. Each row times the float model and the
+calibrated sim alternately (same inputs, ``torch.no_grad``, median of the repetitions), so the
+ratio is not skewed by the machine's speed drifting between two separate runs.
+
+Sections: gpt2 (124M config, 4x128, sdpa), llama (tiny, sdpa and eager), resnet50 / mobilenet_v2
+(batch 8 at 224), compiled (sim vs float under torch.compile, inductor), calibration
+(compute_encodings of one resnet50 batch vs a float forward of it), memory (calibrated sim after a
+forward vs float weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "runtime.json"
+
+
+def side_by_side(float_fn: Callable[[], object], sim_fn: Callable[[], object], reps: int) -> dict:
+    """Median seconds of each, alternating calls; first call of each is a warm-up."""
+    float_fn(), sim_fn()
+    f_times, s_times = [], []
+    for _ in range(reps):
+        for fn, times in ((float_fn, f_times), (sim_fn, s_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    f, s = statistics.median(f_times), statistics.median(s_times)
+    return {"float_s": f, "sim_s": s, "ratio": s / f}
+
+
+def lm(factory: str, attention: str, batch: int, seq: int, quick: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if factory == "gpt2":
+        cfg = GPT2Config(n_layer=2 if quick else 12, attn_implementation=attention)
+        model = GPT2LMHeadModel(cfg).eval()
+    else:
+        cfg = LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, attn_implementation=attention,
+        )  # fmt: skip
+        model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    return model, {"input_ids": ids, "use_cache": False}
+
+
+def vision(name: str, batch: int):
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)().eval(), torch.randn(batch, 3, 224, 224)
+
+
+def calibrated(model, inputs):
+    import mixprec
+
+    sim = mixprec.QuantizationSimModel(model, dummy_input=inputs, config_file="per_channel")
+    kwargs = inputs if isinstance(inputs, dict) else None
+    sim.compute_encodings(lambda m, _: m(**kwargs) if kwargs else m(inputs), None)
+    return sim
+
+
+def call(model, inputs) -> Callable[[], object]:
+    if isinstance(inputs, dict):
+        return lambda: model(**inputs)
+    return lambda: model(inputs)
+
+
+def forward_row(label: str, model, inputs, reps: int) -> dict:
+    sim = calibrated(model, inputs)
+    with torch.no_grad():
+        row = side_by_side(call(model, inputs), call(sim.model, inputs), reps)
+    return {"case": label, **row}
+
+
+def compiled_row(label: str, model, inputs, reps: int) -> dict:
+    sim = calibrated(model, inputs)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        cf = torch.compile(model, backend="inductor")
+        cs = torch.compile(sim.model, backend="inductor")
+        row = side_by_side(call(cf, inputs), call(cs, inputs), reps)
+    return {"case": f"{label} compiled (inductor)", **row}
+
+
+def calibration_row(reps: int) -> dict:
+    import mixprec
+
+    model, x = vision("resnet50", 8)
+    sim = mixprec.QuantizationSimModel(model, dummy_input=x, quant_scheme="tf_enhanced")
+    with torch.no_grad():
+        row = side_by_side(lambda: model(x), lambda: sim.compute_encodings(lambda m, _: m(x), None), reps)
+    return {"case": "compute_encodings resnet50 b8 (tf_enhanced) vs float forward", **row}
+
+
+def memory_row() -> dict:
+    model, x = vision("resnet50", 8)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    sim = calibrated(model, x)
+    with torch.no_grad():
+        sim.model(x)
+    quantizer_state = sum(t.numel() * t.element_size() for t in sim.model.state_dict().values())
+    quantizer_state -= weights + sum(b.numel() * b.element_size() for b in model.buffers())
+    cache = sum(entry[-1].numel() * entry[-1].element_size() for entry in sim.runtime._param_cache.values())
+    sim.cache_quantized_weights = False
+    gc.collect()
+    return {
+        "case": "memory: calibrated resnet50 sim after a forward, on top of the float model",
+        "float_weights_mb": weights / 2**20,
+        "extra_mb": (weights + quantizer_state + cache) / 2**20,  # the sim's copy of the model + cache
+        "extra_over_weights": (weights + quantizer_state + cache) / weights,
+        "extra_without_cache_over_weights": (weights + quantizer_state) / weights,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer layers and repetitions")
+    parser.add_argument("--sections", default="gpt2,llama,resnet50,mobilenet_v2,calibration,memory,compiled")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    sections = set(args.sections.split(","))
+    reps = 3 if args.quick else 7
+    rows = []
+    if "gpt2" in sections:
+        rows.append(forward_row("GPT-2 124M config 4x128 (sdpa)", *lm("gpt2", "sdpa", 4, 128, args.quick), reps))
+    if "llama" in sections:
+        for attention in ("sdpa", "eager"):
+            rows.append(forward_row(f"tiny Llama 2x16 ({attention})", *lm("llama", attention, 2, 16, args.quick), reps * 3))
+    for name in ("resnet50", "mobilenet_v2"):
+        if name in sections:
+            rows.append(forward_row(f"{name} b8 224", *vision(name, 8), reps))
+    if "calibration" in sections:
+        rows.append(calibration_row(max(2, reps // 2)))
+    if "compiled" in sections:
+        rows.append(compiled_row("resnet50 b8 224", *vision("resnet50", 8), reps))
+        rows.append(compiled_row("GPT-2 4x128", *lm("gpt2", "sdpa", 4, 128, args.quick), reps))
+    if "memory" in sections:
+        rows.append(memory_row())
+    machine = {
+        "machine": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cpu (no GPU on this machine)",
+    }
+    for row in rows:
+        if "ratio" in row:
+            print(f"{row['case']:<70} float {row['float_s'] * 1e3:9.1f} ms  sim {row['sim_s'] * 1e3:9.1f} ms  x{row['ratio']:.2f}")
+        else:
+            print(f"{row['case']:<70} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "case"))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    merged = {r["case"]: r for r in previous.get("rows", [])} | {r["case"]: r for r in rows}
+    RESULTS.write_text(json.dumps({**machine, "rows": list(merged.values())}, indent=1))
+    print(f"machine: {machine}")
+
+
+if __name__ == "__main__":
+    main()
