@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--sections", default="gpt2,llama,resnet50,mobilenet_v2,calibration,memory,compiled")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    torch.set_flush_denormal(True)  # random weights go denormal in CNNs (see docs/performance.md)
     sections = set(args.sections.split(","))
     reps = 3 if args.quick else 7
     rows = []
