@@ -109,7 +109,8 @@ def test_forwards_people_run_are_quantized(name, dummy):
             for use_cache in (True, False):
                 out = sim.model(x, attention_mask=mask, use_cache=use_cache, **extra).logits
                 ref = model(x, attention_mask=mask, use_cache=use_cache, **extra).logits
-                assert not torch.equal(out, ref) and sqnr_db(ref, out) > 15
+                kept = mask.bool() if not encoder_decoder else slice(None)  # padded queries are noise
+                assert not torch.equal(out, ref) and sqnr_db(ref[kept], out[kept]) > 15
             loss = sim.model(x, attention_mask=mask, labels=x).loss
             assert torch.isfinite(loss)
 
