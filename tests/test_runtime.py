@@ -67,7 +67,7 @@ def test_every_loop_iteration_is_a_layer_and_more_iterations_grow():
     sim.compute_encodings(lambda m, _: m(x, n=5), None)
     assert {"fc#3", "fc#4", "add_4", "tanh_4"} <= set(rows(sim))
     fc = sim.model.fc.mixprec_sites
-    assert len(fc) == 5 and fc[4].output_quantizers[0].is_initialized
+    assert len(fc) == 5 and fc[4].output_quantizers[0].is_initialized()
     sim.model(x, n=5)
 
 

@@ -98,7 +98,7 @@ def test_forwards_people_run_are_quantized(name, dummy):
         warnings.simplefilter("ignore")  # transformers' notes on generate's defaults
         sim.compute_encodings(lambda m, _: workload(m, encoder_decoder), None)
         quantizers = [q for _, q in sim.quantizers()]
-        assert quantizers and all(q.is_initialized for q in quantizers)
+        assert quantizers and all(q.is_initialized() for q in quantizers)
         table = {row["name"] for row in sim.precision_table()}
         assert any(".kv_cache.key" in n for n in table) and any(".kv_cache.value" in n for n in table)
         with torch.no_grad():

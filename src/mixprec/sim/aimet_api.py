@@ -108,7 +108,7 @@ class ReferenceSimAPI:
             module = self._modules[layer.module_name]
             lq = self._layer_quantizers[place.layer]
             index = next(i for i, site in enumerate(module.mixprec_sites) if site is lq)
-            # the first call site's lists are the module's own attributes (QuantizedLeaf)
+            # the first call site's lists are also the module's own attributes (mixprec.sim.sites)
             base = layer.module_name if index == 0 else _join(layer.module_name, f"mixprec_sites.{index}")
         else:
             base = _functional_name(layer.name)

@@ -273,7 +273,7 @@ class SimRuntime:
         quantizers = lq.all_quantizers()
         if any(getattr(q, "is_calibrating", False) for q in quantizers):
             return True
-        missing = [q.label for q in quantizers if q.needs_encoding and not q.is_initialized]
+        missing = [q.label for q in quantizers if q.needs_encoding and not q.is_initialized()]
         if missing:
             from mixprec.errors import EncodingNotComputedError
 
