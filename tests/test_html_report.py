@@ -102,12 +102,26 @@ class SvgNodes(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.nodes, self.edges, self.swatches, self.ready, self._open = [], [], {}, False, None
+        self.svg: dict = {}
+        self.status = ""
+        self._in_status = False
+
+    def handle_data(self, data):
+        if self._in_status:
+            self.status += data
+
+    def handle_endtag(self, tag):
+        self._in_status = False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         classes = (a.get("class") or "").split()
         if tag == "body":
             self.ready = a.get("data-graph-ready") == "1"
+        elif tag == "svg" and a.get("id") == "graph":
+            self.svg = a
+        elif tag == "span" and a.get("id") == "graph-status":
+            self._in_status = True
         elif tag == "g" and "node" in classes:
             self._open = {**a, "classes": classes}
             self.nodes.append(self._open)
@@ -115,7 +129,7 @@ class SvgNodes(HTMLParser):
             self._open["fill"] = a.get("fill")
             self._open = None
         elif tag == "path" and "edge" in classes:
-            self.edges.append(classes)
+            self.edges.append({**a, "classes": classes})
         elif tag == "span" and "swatch" in classes:
             self.swatches[a["data-precision"]] = a["data-color"]
 
@@ -141,15 +155,72 @@ def test_graph_renders_every_layer_in_its_precision_color(chromium, demo_report,
     assert statuses == {name: row["status"] for name, row in expected.items()}
     assert "status-requested" in layers["layer1.conv2"]["classes"]
     assert "status-shared" in layers["stem.0"]["classes"]  # changed through the model input request
-    converts = [e for e in dom.edges if "convert" in e]
-    # red edges are exactly the report's transitions (tensor precision != what the reader computes at)
-    assert len(converts) == len({(t["producer"], t["consumer"]) for t in demo_report.transitions})
+    check_edges_and_changes(dom, demo_report)
+    assert demo_report.precision_change_count == 4
     shot = tmp_path / "report.png"
     browse(chromium, path.as_uri(), tmp_path, "--window-size=1400,1900", f"--screenshot={shot}")
     assert shot.stat().st_size > 10_000
     if os.environ.get("MIXPREC_UPDATE_DOCS_IMG"):
         DOCS_IMG.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, DOCS_IMG)
+
+
+def check_edges_and_changes(dom, report):
+    """Each edge has its tensor's precision colour; the marked layers and the count are the report's."""
+    names = {n["data-id"]: n.get("data-name") for n in dom.nodes}
+    rows = {row["name"]: row for row in report.layers}
+    expected = {}
+    for row in rows.values():
+        for source, precision in zip(row["sources"], row["reads"], strict=True):
+            expected.setdefault((source, row["name"]), set()).add(precision or "fp32")
+    drawn = {(names[e["data-from"]], names[e["data-to"]]): e for e in dom.edges}
+    assert drawn.keys() == expected.keys()
+    for key, edge in drawn.items():
+        (precision,) = expected[key]  # every edge of these reports carries one precision
+        assert edge["data-precision"] == precision, key
+        assert edge["stroke"] == precision_color(precision) == dom.swatches[precision], key
+    marked = {n["data-name"] for n in dom.nodes if "layer" in n["classes"] and "change" in n["classes"]}
+    assert marked == {c["layer"] for c in report.precision_changes}
+    count = report.precision_change_count
+    assert int(dom.svg["data-precision-changes"]) == count
+    assert f"{count} precision change" in dom.status
+    # the map is not just the boxes' colours again: some edge leaves its producer at another precision
+    assert any(e["data-precision"] != rows[src]["computes"] for (src, _), e in drawn.items() if src in rows)
+
+
+def lone_int16_report():
+    from .models import build as build_tiny
+
+    model, x = build_tiny("linear_stack")
+    sim = QuantizationSimModel(model, dummy_input=x)
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(sim.model.block[1], activation="int16")
+    return mp.apply(log_file=None)
+
+
+def resnet18_report():
+    import torch
+    from torchvision.models import resnet18
+
+    sim = QuantizationSimModel(resnet18().eval(), dummy_input=torch.randn(1, 3, 64, 64))
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(torch.nn.Conv2d, activation="int16", param={"weight": "int16"})
+    return mp.apply(log_file=None)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lone_int16_report, pytest.param(resnet18_report, marks=pytest.mark.slow)],
+    ids=["lone-int16", "resnet18-conv2d"],
+)
+def test_map_colours_edges_and_marks_precision_changes(chromium, tmp_path, make):
+    report = make()
+    assert report.precision_change_count > 0
+    path = write_html(report, tmp_path / "report.html")
+    dom = rendered(chromium, path, tmp_path, "#expand=all")
+    check_edges_and_changes(dom, report)
+    text = path.read_text()
+    assert f"{report.precision_change_count} precision changes" in text  # the page's summary line
 
 
 @pytest.mark.slow

@@ -251,7 +251,7 @@ def check_readers_of_changed_tensors_drawn_in(sim: QuantizationSimModel, before:
     places = {sim.describe(p): p for p in sim.places() if p.kind in (PlaceKind.OUTPUT, PlaceKind.MODEL_INPUT)}
     for c in report["changes"]:
         place = places.get(c["quantizer"])
-        if place is None or c["reason"] == "lowered":
+        if place is None or c["reason"] == "emitted":  # rule 4: an emitted output draws no reader in
             continue
         if place.kind is PlaceKind.OUTPUT:
             tensor = graph.layers[place.layer].outputs[int(place.slot)]
@@ -290,22 +290,30 @@ def check_plan_matches_sim(sim: QuantizationSimModel, report: dict) -> None:
         assert row["inputs"] == [name(p) for p in effective_inputs(sim, layer.index, memo)], row
     for c in report["conflicts"]:
         assert c["winner_precision"] != c["loser_precision"], f"agreeing requests never conflict: {c}"
-    check_kernels_and_transitions(sim, report)
+    check_kernels_and_precision_changes(sim, report)
 
 
-def check_kernels_and_transitions(sim: QuantizationSimModel, report: dict) -> None:
-    """Rule 5 and the transition list (docs/rules.md, "The report"), recomputed from the sim as apply left it."""
+def check_kernels_and_precision_changes(sim: QuantizationSimModel, report: dict) -> None:
+    """Rule 5 and the precision-change list (docs/rules.md, "The report"), recomputed from the sim."""
     memo: dict[int, Precision | None] = {}
-    findings, transitions = set(), set()
-    for layer in sim.graph.layers:
+    findings, changes = set(), set()
+    graph = sim.graph
+    for layer in graph.layers:
         if layer.data_movement:
             continue
         inputs = effective_inputs(sim, layer.index, memo)
         found = [p for p in inputs if p is not None]
         computes = max(found) if found else None
-        for slot, p in enumerate(inputs):
-            if p is not None and computes is not None and p != computes:
-                transitions.add((layer.name, slot, p.name, computes.name))
+        reads = tuple(
+            (name(p) or "fp32") if f and t is not None else None
+            for p, f, t in zip(inputs, layer.input_is_float, layer.inputs, strict=True)
+        )
+        emits = tuple(
+            (name(value_precision(sim, t, memo)) or "fp32") if f else None
+            for f, t in zip(layer.output_is_float, layer.outputs, strict=True)
+        )
+        if any(reads) and len({p for p in reads + emits if p}) > 1:
+            changes.add((layer.name, reads, emits))
         kernels = sim.config.kernels_for(layer.op_type)
         weight = (
             sim.precision_at(Place(PlaceKind.PARAM, layer.index, "weight"))
@@ -323,10 +331,77 @@ def check_kernels_and_transitions(sim: QuantizationSimModel, report: dict) -> No
         if not ok:
             findings.add(layer.name)
     assert {k["layer"] for k in report["kernel_findings"]} == findings
-    assert {
-        (t["consumer"], t["slot"], t["tensor"], t["computes"]) for t in report["transitions"]
-    } == transitions
-    assert report["transition_count"] == len(report["transitions"])
+    listed = {(c["layer"], tuple(c["inputs"]), tuple(c["outputs"])) for c in report["precision_changes"]}
+    assert listed == changes, f"listed only: {listed - changes}; missing: {changes - listed}"
+    assert report["precision_change_count"] == len(report["precision_changes"])
+    flagged = {row["name"] for row in report["layers"] if row["precision_change"]}
+    assert flagged == {c[0] for c in changes}, "the layer map must flag exactly the listed precision changes"
+
+
+def group_end(sim: QuantizationSimModel, index: int, slot: int) -> tuple[int, int]:
+    """Where a layer's output is quantized: its own slot, or past the supergroup / folded BN it heads."""
+    graph = sim.graph
+    while index in sim.placement.fused:
+        consumers = graph.tensors[graph.layers[index].outputs[slot]].consumers
+        if len(consumers) != 1:
+            break
+        index, slot = consumers[0][0], 0
+    return index, slot
+
+
+def check_requested_layers_emit(
+    sim: QuantizationSimModel, report: dict, issued: list[tuple[int, RequestSpec]]
+) -> None:
+    """Rule 4: a requested layer emits its precision (a list's first entry) at the end of its fused group."""
+    graph = sim.graph
+    memo: dict[int, Precision | None] = {}
+    latest: dict[int, tuple[int, RequestSpec]] = {}
+    for rid, spec in issued:
+        if spec.kind not in ("input", "output"):
+            for index in expected_layers(sim, spec):
+                latest[index] = (rid, spec)
+    for index, (rid, spec) in latest.items():
+        asked = spec.activation[0] if isinstance(spec.activation, list) else spec.activation
+        if asked is None:
+            continue
+        layer = graph.layers[index]
+        for slot, is_float in enumerate(layer.output_is_float):
+            end, end_slot = group_end(sim, index, slot)
+            if not is_float or sim.placement.outputs[end][end_slot] is None:
+                continue
+            place = Place(PlaceKind.OUTPUT, end, end_slot)
+            if sim.quantizer_at(place) is None and by_design_fused(sim, end, end_slot):
+                # the config leaves the output unquantized: it carries what the layer computes at
+                if isinstance(spec.activation, list):
+                    continue
+                got = value_precision(sim, graph.layers[end].outputs[end_slot], memo)
+                names = {graph.layers[i].name for i in fused_upstream(sim, end)}
+                excused = lost(report, rid, names) or any(
+                    c["loser"] == rid and c["quantizer"] == sim.describe(place) for c in report["conflicts"]
+                )
+            else:
+                got = sim.precision_at(place)
+                excused = any(
+                    c["loser"] == rid and c["quantizer"] == sim.describe(place) for c in report["conflicts"]
+                )
+            assert name(got) == wanted(asked) or excused, (
+                f"layer {layer.name}: request {rid} {spec} asked it to emit {asked}, "
+                f"{sim.describe(place)} holds {name(got)}; conflicts: {report['conflicts']}"
+            )
+
+
+def check_requested_rows_say_why(report: dict) -> None:
+    """Each requested layer's row explains every way it differs from its request, and only those."""
+
+    def same(asked: str | None, got: str | None) -> bool:
+        return asked is None or got is None or wanted(asked) == wanted(got)
+
+    for row in report["requested_layers"]:
+        asked = row["asked"]
+        differs = [not same(a, g) for a, g in zip(asked["inputs"], row["reads"], strict=True)]
+        differs += [not same(asked["output"], e) for e in row["emits"]]
+        differs += [not same(p.split()[0], row["params"].get(n)) for n, p in asked["params"].items()]
+        assert len(row["why"]) == sum(differs), row
 
 
 def apply_and_check(
@@ -382,6 +457,8 @@ def apply_and_check(
     check_drawn_in_layers(sim, data)
     check_plan_matches_sim(sim, data)
     check_readers_of_changed_tensors_drawn_in(sim, before, data)
+    check_requested_layers_emit(sim, data, issued)
+    check_requested_rows_say_why(data)
 
     calibrate(sim, inputs)
     for leaf in torch.utils._pytree.tree_leaves(run(sim.model, inputs)):

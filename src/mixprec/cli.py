@@ -155,7 +155,7 @@ def _summary(name: str, sim: QuantizationSimModel, report: MixedPrecisionReport,
     out_console.print(
         f"[bold]{name}[/]: {n_layers} layers; {len(report.requests)} request(s), "
         f"{len(report.unmatched)} matching nothing; {len(changed)} layer(s) requested or propagated to, "
-        f"{len(report.changes)} quantizer(s) changed, {report.transition_count} precision transition(s)"
+        f"{len(report.changes)} quantizer(s) changed, {report.precision_change_count} precision change(s)"
     )
     precisions: dict[str, int] = {}
     for row in report.layers:
@@ -175,7 +175,14 @@ def demo(
         int, typer.Option("--calibrate", min=1, help="Random batches for compute_encodings.")
     ] = 4,
 ) -> None:
-    """The main job on a built-in model: the seed's five kinds of requests, apply, calibrate, report."""
+    """Run manual mixed precision on a small built-in CNN and write what it did.
+
+    Six requests: one layer at int16, one block at int16, every Linear at fp16,
+    a layer type the model lacks (reported as matching nothing), the model input
+    at int16 and the model output at fp16. Each requested layer reads, computes
+    and emits its precision. Then it applies them, calibrates on random data,
+    and writes mmp_log.txt, report.json, report.html and profile.yaml.
+    """
     from mixprec import demo as demo_model
 
     loaded = load_model("demo")

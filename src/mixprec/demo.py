@@ -63,11 +63,17 @@ def build() -> tuple[nn.Module, torch.Tensor]:
 
 
 def seed_requests(mp: MixedPrecisionConfigurator) -> None:
-    """Record the seed guide's five kinds of requests on a configurator of a :class:`DemoNet` sim."""
+    """Record six requests on a configurator of a :class:`DemoNet` sim.
+
+    They cover the seed guide's kinds (a leaf layer, a non-leaf block, a type, the model input and
+    output) plus a type the model lacks. Each requested layer reads, computes and emits its
+    precision (docs/rules.md, rule 4); where its readers stay at int8 the report lists a precision
+    change: ``layer1.conv2`` emits int16 into the residual add, whose other input is int8.
+    """
     model: Any = mp.sim.model
     mp.set_precision(model.layer1.conv2, activation="int16", param={"weight": "int16"})  # a leaf layer
     mp.set_precision(model.layer2, activation="int16")  # a non-leaf block: every layer inside it
-    mp.set_precision(nn.Linear, activation="fp16", param={"weight": "fp16"})  # by type
+    mp.set_precision(nn.Linear, activation="fp16", param={"weight": "fp16"})  # by type: the fc head
     mp.set_precision(nn.AvgPool2d, activation="int16")  # DemoNet has none: the report lists it as unmatched
-    mp.set_model_input_precision(activation="int16")
-    mp.set_model_output_precision(activation="fp16")
+    mp.set_model_input_precision(activation="int16")  # the stem reads the image at int16
+    mp.set_model_output_precision(activation="fp16")  # agrees with what fc emits

@@ -14,7 +14,7 @@ from mixprec.errors import PrecisionConflictError, RequestError, UnsupportedKern
 from mixprec.mixed.profile import Profile, profile_from_requests, record_profile
 from mixprec.plan import targets as _targets
 from mixprec.plan.requests import Request, RequestKind, TargetKind
-from mixprec.plan.resolve import Plan, PlannedState, resolve
+from mixprec.plan.resolve import Plan, resolve
 from mixprec.quantsim import QuantizationSimModel
 from mixprec.report.build import build_report
 from mixprec.report.model import MixedPrecisionReport
@@ -140,8 +140,7 @@ class MixedPrecisionConfigurator:
 
     def preview(self, strict: bool = True) -> MixedPrecisionReport:
         """The plan and report ``apply(strict=strict)`` would produce, changing nothing."""
-        plan, planned = self._plan(strict)
-        return build_report(self.sim, plan, planned, applied=False, strict=strict)
+        return self._plan(strict, applied=False)[1]
 
     def apply(
         self, log_file: str | Path | IO[str] | None = "./mmp_log.txt", strict: bool = True
@@ -156,56 +155,39 @@ class MixedPrecisionConfigurator:
         Raises:
             PrecisionConflictError / UnsupportedKernelError: under strict; the sim is unchanged.
         """
-        plan, planned = self._plan(strict)
-        report = build_report(self.sim, plan, planned, applied=True, strict=strict)
+        plan, report = self._plan(strict, applied=True)
         for change in plan.changes:
             self.sim.set_precision_at(change.place, change.new, change.claim.granularity)
         self._requests.clear()
         report.write(log_file)
         return report
 
-    def _plan(self, strict: bool) -> tuple[Plan, PlannedState]:
+    def _plan(self, strict: bool, applied: bool) -> tuple[Plan, MixedPrecisionReport]:
         plan, planned = resolve(self.sim, self.sim.config, self._requests)
-        lost = [c for c in plan.conflicts if c.loser.direct]
-        by_id = {r.id: r for r in self._requests}
-        describe = self.sim.describe
+        report = build_report(self.sim, plan, planned, applied=applied, strict=strict)
+        # The messages are the report's own lines, so the error and the log say the same thing.
+        lost = report.conflict_lines(direct_only=True)
         if lost:
-            lines = []
-            for c in lost[:10]:
-                reader = c.loser.reader
-                layer = self.sim.graph.layers[reader].name if reader is not None else "the model I/O"
-                lines.append(
-                    f"  {describe(c.place)}: {by_id[c.loser.request].label()} wants {c.loser.precision} for "
-                    f"layer {layer}, but later {by_id[c.winner.request].label()} sets {c.winner.precision}"
-                    + (
-                        f" for layer {self.sim.graph.layers[c.winner.reader].name}"
-                        if c.winner.reader is not None
-                        else ""
-                    )
-                )
-            message = "requests conflict on a tensor read at one precision:\n" + "\n".join(lines)
+            message = "requests conflict on a tensor read at one precision:\n" + "\n".join(
+                f"  {line}" for line in lost[:10]
+            )
             message += "\nmake the requests agree, or call apply(strict=False) to let the later request win"
             if strict:
                 raise PrecisionConflictError(message)
             warnings.warn(message, stacklevel=3)
-        if plan.kernel_findings:
-            lines = [
-                f"  {self.sim.graph.layers[k.layer].name} ({k.op_type}): activation "
-                f"{k.activation.name if k.activation else 'fp32'}, weight {k.param.name if k.param else '-'}; "
-                f"supported: {', '.join(k.supported)}"
-                for k in plan.kernel_findings[:10]
-            ]
-            more = len(plan.kernel_findings) - len(lines)
+        findings = report.kernel_lines()
+        if findings:
+            more = len(findings) - 10
             message = (
-                f"{len(plan.kernel_findings)} layer(s) would run at a precision the backend has no kernel for "
+                f"{len(findings)} layer(s) would run at a precision the backend has no kernel for "
                 f"(config {self.sim.config.source}):\n"
-                + "\n".join(lines)
+                + "\n".join(f"  {line}" for line in findings[:10])
                 + (f"\n  ... and {more} more" if more > 0 else "")
             )
             if strict:
                 raise UnsupportedKernelError(message + "\nchange the requests or call apply(strict=False)")
             warnings.warn(message, stacklevel=3)
-        return plan, planned
+        return plan, report
 
 
 def _caller_location(depth: int = 2) -> str:

@@ -1,4 +1,4 @@
-"""Checks of a planned state: backend kernels (docs/rules.md, rule 5) and precision transitions.
+"""Checks of a planned state: backend kernels (docs/rules.md, rule 5) and precision changes.
 
 Both read a :class:`~mixprec.sim.state.PrecisionView` (the plan laid over the sim), so they run
 before anything changes.
@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixprec.capture.graph import Graph
 from mixprec.config.rules import SimConfig
 from mixprec.core.precision import FP32, Precision
-from mixprec.sim.effective import compute_precision, effective_input_precisions
+from mixprec.sim.effective import compute_precision, effective_input_precisions, value_precision
 from mixprec.sim.placement import Place, PlaceKind
 from mixprec.sim.state import PrecisionView
 
@@ -28,14 +27,12 @@ class KernelFinding:
 
 
 @dataclass(frozen=True)
-class Transition:
-    """An edge where a tensor's precision differs from the precision its reader computes at."""
+class PrecisionChange:
+    """A layer whose inputs differ among themselves or from its output: a convert or mixed kernel."""
 
-    producer: str  # layer name or model input path
-    consumer: int
-    slot: int
-    tensor_precision: Precision
-    compute_precision: Precision
+    layer: int
+    inputs: tuple[Precision | None, ...]  # per input slot; None for a non-float or constant input
+    outputs: tuple[Precision | None, ...]  # per output slot, what the tensor carries; None if not float
 
 
 def _weight_precision(state: PrecisionView, layer_index: int) -> tuple[bool, Precision | None]:
@@ -72,28 +69,28 @@ def check_kernels(state: PrecisionView, config: SimConfig) -> list[KernelFinding
     return findings
 
 
-def find_transitions(state: PrecisionView) -> list[Transition]:
-    """Edges where a tensor's precision differs from the precision its reader computes at."""
+def find_precision_changes(state: PrecisionView) -> list[PrecisionChange]:
+    """Every layer whose inputs differ among themselves or from what it emits (docs/rules.md, "The report").
+
+    An input or output without a quantizer reads as fp32; constants and non-float slots are left out.
+    """
     graph = state.graph
     memo: dict[int, Precision | None] = {}
     result = []
     for layer in graph.layers:
-        if layer.data_movement or not any(layer.input_is_float):
+        if layer.data_movement:
             continue
-        computes = compute_precision(state, layer, memo)
-        for slot, precision in enumerate(effective_input_precisions(state, layer, memo)):
-            if precision is None or computes is None or precision == computes:
-                continue
-            result.append(
-                Transition(_producer_name(graph, layer.inputs[slot]), layer.index, slot, precision, computes)
-            )
+        effective = effective_input_precisions(state, layer, memo)
+        inputs = tuple(
+            (effective[s] or FP32) if f and t is not None else None
+            for s, (f, t) in enumerate(zip(layer.input_is_float, layer.inputs, strict=True))
+        )
+        if all(p is None for p in inputs):
+            continue
+        outputs = tuple(
+            (value_precision(state, t, memo) or FP32) if f else None
+            for f, t in zip(layer.output_is_float, layer.outputs, strict=True)
+        )
+        if len({p for p in inputs + outputs if p is not None}) > 1:
+            result.append(PrecisionChange(layer.index, inputs, outputs))
     return result
-
-
-def _producer_name(graph: Graph, tensor_id: int | None) -> str:
-    if tensor_id is None:
-        return "constant"
-    node = graph.tensors[graph.source(tensor_id)]
-    if node.model_input is not None:
-        return f"model input {graph.inputs[node.model_input].path}"
-    return graph.layers[node.producer[0]].name if node.producer else "constant"

@@ -1,8 +1,8 @@
 """Resolution of requests into a plan (docs/rules.md, "Resolution"): plain functions, no sim mutation.
 
 preprocess (latest wins per layer) -> propagate (inputs realized at producer quantizers,
-one precision per tensor, contention by request id) -> outputs (only where needed) ->
-backend check -> transitions. Only ``MixedPrecisionConfigurator.apply`` changes the sim, from the plan's changes.
+one precision per tensor, contention by request id; a requested layer emits its precision) ->
+backend check -> precision changes. Only ``MixedPrecisionConfigurator.apply`` changes the sim, from the plan's changes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from mixprec.capture.graph import Graph
 from mixprec.config.rules import SimConfig
 from mixprec.core.granularity import Granularity
 from mixprec.core.precision import FP32, Precision
-from mixprec.plan.checks import KernelFinding, Transition, check_kernels, find_transitions
+from mixprec.plan.checks import KernelFinding, PrecisionChange, check_kernels, find_precision_changes
 from mixprec.plan.requests import LayerRequest, Request, RequestKind, expand
-from mixprec.sim.placement import Place, PlaceKind, passes_through
+from mixprec.sim.placement import Place, PlaceKind, Placement, passes_through
 from mixprec.sim.state import PrecisionView
 
 
@@ -29,7 +29,7 @@ class Reason(enum.Enum):
     SHARED = "shared tensor"
     MODEL_INPUT = "model input"
     MODEL_OUTPUT = "model output"
-    LOWERED = "lowered"
+    EMITTED = "emitted"  # a requested layer's output (at the end of its fused group), rule 4
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Plan:
     treated: dict[int, Treatment] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     kernel_findings: list[KernelFinding] = field(default_factory=list)
-    transitions: list[Transition] = field(default_factory=list)
+    precision_changes: list[PrecisionChange] = field(default_factory=list)
 
 
 class PlannedState:
@@ -136,6 +136,7 @@ class _Propagator:
         self.plan = plan
         self.canonical = canonical
         self.queue: deque[tuple[int, Precision, int, int | None]] = deque()
+        self.cascaded: set[Place] = set()
 
     def current(self, place: Place) -> Precision | None:
         return self.state.precision_at(place)
@@ -147,13 +148,21 @@ class _Propagator:
         if held is not None:
             if held.precision != claim.precision or held.granularity != claim.granularity:
                 self.plan.conflicts.append(Conflict(key, held, claim))
-            elif held.fused and not claim.fused:
+                return False
+            if held.fused and not claim.fused:
                 self.plan.claims[key] = claim  # agreeing, and asks for a quantizer there (a model output)
+            if cascade and key not in self.cascaded:
+                # An emitted output holds the place without drawing its readers in; a reader realizing
+                # its input there agrees and does draw them in, whichever of the two came first.
+                self.cascaded.add(key)
+                if (self.current(key) or FP32) != claim.precision:
+                    self.cascade(key, claim)
             return False
         self.plan.claims[key] = claim
-        old = self.current(key) or FP32
-        if cascade and old != claim.precision:
-            self.cascade(key, claim)
+        if cascade:
+            self.cascaded.add(key)
+            if (self.current(key) or FP32) != claim.precision:
+                self.cascade(key, claim)
         return True
 
     def cascade(self, place: Place, claim: Claim) -> None:
@@ -216,7 +225,10 @@ class _Propagator:
         # as a model output request, is a conflict instead of silently changing what this reads.
         fused = Claim(place, precision, rid, reason, reader, via, direct, fused=True)
         if not self.claim(fused):
-            return
+            held = self.plan.claims[self.canonical(place)]
+            if held.reason is not Reason.EMITTED or held.precision != precision:
+                return
+            # the producer's own emission holds the tensor: this reader's request still goes upstream
         if producer not in self.plan.treated:
             self.plan.treated[producer] = Treatment(rid, precision, Reason.PROPAGATED, layer)
         for k, is_float in enumerate(player.input_is_float):
@@ -243,7 +255,6 @@ class _Propagator:
             else:
                 self.run_io_request(*item)
             self.drain()
-        self.lower_outputs()
 
     def run_layer_request(self, lr: LayerRequest) -> None:
         request = lr.request
@@ -254,6 +265,8 @@ class _Propagator:
             if precision is not None and self.graph.layers[lr.layer].input_is_float[slot]:
                 self.realize(lr.layer, slot, precision, request, reason=Reason.REQUESTED, via=None,
                              direct=request.direct, reader=lr.layer)  # fmt: skip
+        if lr.output is not None:
+            self.emit(lr)
         for name, spec in lr.params.items():
             if name in self.graph.layers[lr.layer].params:
                 place = Place(PlaceKind.PARAM, lr.layer, name)
@@ -285,23 +298,53 @@ class _Propagator:
                         layer, slot, precision, rid, reason=Reason.SHARED, via=via, direct=False, reader=layer
                     )
 
-    def lower_outputs(self) -> None:
-        """Rule 4: a requested layer's output drops to its precision only if it is currently higher."""
-        for layer, treatment in self.plan.treated.items():
-            lr = self.plan.winners.get(layer)
-            target = (
-                lr.output if lr is not None and lr.request.id == treatment.request else treatment.activation
-            )
-            if target is None or treatment.reason is Reason.PROPAGATED:
+    def emit(self, lr: LayerRequest) -> None:
+        """Rule 4: the requested layer emits its precision, at the end of its fused group.
+
+        The claim does not draw the tensor's readers in: they read the new precision, and where
+        that differs from what they emit, the report lists a precision change.
+        """
+        layer = self.graph.layers[lr.layer]
+        for slot, is_float in enumerate(layer.output_is_float):
+            if not is_float:
                 continue
-            for slot, template in enumerate(self.placement.outputs[layer]):
-                place = Place(PlaceKind.OUTPUT, layer, slot)
-                if template is None or self.canonical(place) in self.plan.claims:
-                    continue
-                current = self.current(place)
-                if current is not None and current > target:
-                    claim = Claim(place, target, treatment.request, Reason.LOWERED, layer, None, False)
-                    self.claim(claim, cascade=False)
+            end, end_slot = group_end(self.graph, self.placement, lr.layer, slot)
+            place = Place(PlaceKind.OUTPUT, end, end_slot)
+            if self.placement.outputs[end][end_slot] is None:
+                continue
+            # Where the config leaves the output unquantized the value carries what the layer computes
+            # at (its inputs' requests set that); the claim holds the tensor without a quantizer, so
+            # that another precision for it (a model output request) is a conflict, not a silent change.
+            # (An embedding reads integer ids: nothing upstream carries a precision, so the request
+            # outranks the config and quantizes the output itself, as rule 2 does for its readers.)
+            producer = self.graph.layers[end]
+            reads_floats = any(
+                f and t is not None for f, t in zip(producer.input_is_float, producer.inputs, strict=True)
+            )
+            fused = (
+                reads_floats and self.current(place) is None and passes_through(self.placement, end, end_slot)
+            )
+            via = None if end == lr.layer else lr.layer
+            self.claim(Claim(place, lr.output, lr.request.id, Reason.EMITTED, lr.layer, via, lr.request.direct,
+                             fused=fused), cascade=False)  # fmt: skip
+
+
+def group_end(graph: Graph, placement: Placement, layer: int, slot: int) -> tuple[int, int]:
+    """The output slot where a layer's value is quantized: its own, or the end of its fused group.
+
+    Conv in Conv+BatchNorm+ReLU has no output quantizer; its value is quantized after the ReLU.
+    """
+    seen = set()
+    while layer in placement.fused and layer not in seen:
+        seen.add(layer)
+        consumers = graph.tensors[graph.layers[layer].outputs[slot]].consumers
+        if len(consumers) != 1:
+            break
+        nxt = graph.layers[consumers[0][0]]
+        if not nxt.outputs:
+            break
+        layer, slot = nxt.index, 0
+    return layer, slot
 
 
 def make_canonical(graph: Graph):
@@ -341,5 +384,5 @@ def resolve(state: PrecisionView, config: SimConfig, requests: list[Request]) ->
             overlay[place] = new
     planned = PlannedState(state, overlay, canonical)
     plan.kernel_findings = check_kernels(planned, config)
-    plan.transitions = find_transitions(planned)
+    plan.precision_changes = find_precision_changes(planned)
     return plan, planned

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixprec.core.precision import Precision, name_of
+from mixprec.core.precision import FP32, Precision, name_of
 from mixprec.plan.requests import LayerRequest, RequestKind
-from mixprec.plan.resolve import Claim, Plan, PlannedState, Reason
+from mixprec.plan.resolve import Claim, Conflict, Plan, PlannedState, Reason, group_end
 from mixprec.report.model import MixedPrecisionReport
-from mixprec.sim.effective import compute_precision, effective_input_precisions
+from mixprec.sim.effective import compute_precision, effective_input_precisions, value_precision
 from mixprec.sim.placement import Place, PlaceKind
 from mixprec.sim.state import PrecisionState
 
@@ -29,6 +29,10 @@ def _why(sim: PrecisionState, claim: Claim) -> str:
         if claim.place.kind is PlaceKind.PARAM or claim.reader is None or claim.place.layer == claim.reader:
             return "requested"
         return f"requested: input of layer {names[claim.reader].name}"
+    if claim.reason is Reason.EMITTED:
+        if claim.via is None:
+            return "requested: output"
+        return f"requested: output of layer {names[claim.reader].name} (end of its fused group)"
     if claim.reason is Reason.PROPAGATED:
         return f"propagated upstream from layer {names[claim.via].name}"
     if claim.reason is Reason.SHARED:
@@ -99,15 +103,16 @@ def build_report(
                 "request": t.request,
                 "reason": t.reason.value,
                 "inputs": [name_of(p) for p in effective_input_precisions(planned, layer, memo)],
-                "outputs": [
-                    name_of(planned.precision_at(Place(PlaceKind.OUTPUT, index, s))) if tpl else None
-                    for s, tpl in enumerate(planned.placement.outputs[index])
-                ],
+                "outputs": _emits(planned, index, memo),
                 "params": {
                     n: name_of(planned.precision_at(Place(PlaceKind.PARAM, index, n))) for n in layer.params
                 },
             }
         )
+    report.requested_layers = [
+        _requested_row(sim, plan, planned, lr, memo)
+        for lr in sorted(plan.winners.values(), key=lambda w: w.layer)
+    ]
     for change in plan.changes:
         place = change.place
         layer_name, slot = _place_columns(sim, place)
@@ -155,22 +160,27 @@ def build_report(
                 "supported": list(k.supported),
             }
         )
-    report.layers = _layer_map(sim, plan, planned, memo)
-    for t in plan.transitions:
-        report.transitions.append(
+    changed = {c.layer for c in plan.precision_changes}
+    report.layers = _layer_map(sim, plan, planned, memo, changed)
+    for c in plan.precision_changes:
+        layer = graph.layers[c.layer]
+        report.precision_changes.append(
             {
-                "producer": t.producer,
-                "consumer": graph.layers[t.consumer].name,
-                "slot": t.slot,
-                "tensor": t.tensor_precision.name,
-                "computes": t.compute_precision.name,
+                "layer": layer.name,
+                "type": layer.type_name,
+                "inputs": [name_of(p) for p in c.inputs],
+                "outputs": [name_of(p) for p in c.outputs],
             }
         )
     return report
 
 
 def _layer_map(
-    sim: PrecisionState, plan: Plan, planned: PlannedState, memo: dict[int, Precision | None]
+    sim: PrecisionState,
+    plan: Plan,
+    planned: PlannedState,
+    memo: dict[int, Precision | None],
+    changed: set[int],
 ) -> list[dict[str, Any]]:
     """Every compute layer with its final precision and its upstream compute layers (for graph views)."""
     graph = sim.graph
@@ -179,8 +189,9 @@ def _layer_map(
     for layer in graph.layers:
         if layer.data_movement:
             continue
-        sources = []
-        for tid in layer.inputs:
+        sources, reads = [], []
+        effective = effective_input_precisions(planned, layer, memo)
+        for slot, tid in enumerate(layer.inputs):
             if tid is None:
                 continue
             node = graph.tensors[graph.source(tid)]
@@ -188,6 +199,10 @@ def _layer_map(
                 sources.append(graph.layers[node.producer[0]].name)
             elif node.model_input is not None:
                 sources.append(f"model input {graph.inputs[node.model_input].path}")
+            else:
+                continue
+            # the precision the tensor carries on this edge (fp32 where nothing quantized it)
+            reads.append(name_of(effective[slot] or FP32) if layer.input_is_float[slot] else None)
         treatment = plan.treated.get(layer.index)
         status = (
             "requested"
@@ -211,6 +226,9 @@ def _layer_map(
                     for n in layer.params
                 },
                 "sources": sources,
+                "reads": reads,
+                "emits": [name_of(p) for p in _value_precisions(planned, layer.index, memo)],
+                "precision_change": layer.index in changed,
                 "status": status,
             }
         )
@@ -231,3 +249,112 @@ def _param_sharers(sim: PrecisionState, place: Place) -> list[str]:
         return []
     key = sim.graph.layers[place.layer].params[str(place.slot)].key
     return [sim.graph.layers[i].name for i in sim.param_layers(key)]
+
+
+def _value_precisions(
+    planned: PlannedState, index: int, memo: dict[int, Precision | None]
+) -> list[Precision | None]:
+    """What each float output of a layer carries to its readers (fp32 where nothing quantizes it)."""
+    layer = planned.graph.layers[index]
+    return [
+        (value_precision(planned, t, memo) or FP32) if f else None
+        for f, t in zip(layer.output_is_float, layer.outputs, strict=True)
+    ]
+
+
+def _emits(planned: PlannedState, index: int, memo: dict[int, Precision | None]) -> list[str | None]:
+    """What a layer emits: the precision at its output quantizer, or at the end of its fused group."""
+    layer = planned.graph.layers[index]
+    result = []
+    for slot, is_float in enumerate(layer.output_is_float):
+        if not is_float:
+            result.append(None)
+            continue
+        end, end_slot = group_end(planned.graph, planned.placement, index, slot)
+        result.append(
+            name_of(value_precision(planned, planned.graph.layers[end].outputs[end_slot], memo) or FP32)
+        )
+    return result
+
+
+def _same(asked: Precision | None, got: str | None) -> bool:
+    return (asked.name if asked is not None else None) == got or (
+        asked is not None and asked.is_full and got in (None, "fp32")
+    )
+
+
+def _requested_row(
+    sim: PrecisionState,
+    plan: Plan,
+    planned: PlannedState,
+    lr: LayerRequest,
+    memo: dict[int, Precision | None],
+) -> dict[str, Any]:
+    """A requested layer as realized: what it reads, computes with and emits, and why where that differs."""
+    graph = sim.graph
+    layer = graph.layers[lr.layer]
+    reads = [name_of(p) for p in effective_input_precisions(planned, layer, memo)]
+    reads = [
+        (r or "fp32") if f and t is not None else None
+        for r, f, t in zip(reads, layer.input_is_float, layer.inputs, strict=True)
+    ]
+    params = {n: name_of(planned.precision_at(Place(PlaceKind.PARAM, lr.layer, n))) for n in layer.params}
+    emits = _emits(planned, lr.layer, memo)
+    ends = {
+        Place(PlaceKind.OUTPUT, *group_end(graph, planned.placement, lr.layer, s))
+        for s in range(len(layer.outputs))
+    }
+    lost = [
+        c
+        for c in plan.conflicts
+        if c.loser.request == lr.request.id and lr.layer in (c.loser.reader, c.loser.via)
+    ]
+    why: list[str] = []
+    for slot, asked in enumerate(lr.inputs):
+        if asked is None or reads[slot] is None or _same(asked, reads[slot]):
+            continue
+        found = [c for c in lost if c.place.kind is not PlaceKind.PARAM and c.place not in ends]
+        why.append(
+            f"reads input {slot} at {reads[slot]}, not {asked.name}: "
+            + (_lost_to(sim, found) if found else "no quantizer upstream can hold another precision")
+        )
+    if lr.output is not None:
+        for got in emits:
+            if got is None or _same(lr.output, got):
+                continue
+            found = [c for c in lost if c.place in ends]
+            why.append(
+                f"emits {got}, not {lr.output.name}: "
+                + (
+                    _lost_to(sim, found)
+                    if found
+                    else "its output has no quantizer; it carries what the layer computes at"
+                )
+            )
+    for name, spec in lr.params.items():
+        if name not in params or _same(spec.precision, params[name]):
+            continue
+        found = [c for c in lost if c.place.kind is PlaceKind.PARAM]
+        why.append(
+            f"param {name} is {params[name] or 'fp32'}, not {spec.precision.name}: "
+            + (_lost_to(sim, found) if found else "unchanged")
+        )
+    return {
+        "layer": layer.name,
+        "request": lr.request.id,
+        "asked": {
+            "inputs": [name_of(p) for p in lr.inputs],
+            "output": name_of(lr.output),
+            "params": {k: str(v) for k, v in lr.params.items()},
+        },
+        "reads": reads,
+        "computes": name_of(compute_precision(planned, layer, memo)),
+        "params": params,
+        "emits": emits,
+        "why": why,
+    }
+
+
+def _lost_to(sim: PrecisionState, conflicts: list[Conflict]) -> str:
+    c = conflicts[0]
+    return f"request {c.winner.request} set {sim.describe(c.place)} to {c.winner.precision.name} (the later request wins)"

@@ -3,8 +3,9 @@
 The page needs nothing from the network: CSS and JavaScript are inlined from
 ``assets/``, and the graph is laid out in the browser by that script (a layered DAG
 by topological depth, drawn as inline SVG) from the report's ``layers`` rows. Layers are
-colored by the precision they compute at, edges where that precision changes are drawn as
-converts, and module groups collapse so that models with hundreds of layers stay readable.
+coloured by the precision they compute at, each edge by the precision of the tensor it carries,
+layers where precision changes are marked, and module groups collapse so that models with
+hundreds of layers stay readable.
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def render_html(report: ReportData, title: str | None = None) -> str:
     data = report if isinstance(report, Mapping) else report.to_dict()
     title = title or "Mixed precision report"
     used = sorted(
-        {row["computes"] or "fp32" for row in data["layers"]} | _io_precisions(data), key=_precision_order
+        {row["computes"] or "fp32" for row in data["layers"]}
+        | {p for row in data["layers"] for p in row.get("reads", []) if p}
+        | _io_precisions(data),
+        key=_precision_order,
     )
     payload = {
         "report": data,
@@ -97,6 +101,8 @@ def render_html(report: ReportData, title: str | None = None) -> str:
         _legend(used),
         _graph_section(),
         _requests_table(data["requests"]),
+        _precision_changes_table(data["precision_changes"]),
+        _requested_table(data["requested_layers"]),
         _changes_table(data["changes"]),
         _other_sections(data),
         f'<script type="application/json" id="mixprec-data">{embedded}</script>',
@@ -137,7 +143,7 @@ def _summary(data: dict[str, Any]) -> str:
         f"{len(data['layers'])} layers",
         f"{len(data['requests'])} requests ({len(data['unmatched'])} matched nothing)",
         f"{len(data['changes'])} quantizers changed on {changed} layers",
-        f"{data['transition_count']} precision transitions",
+        f"{data['precision_change_count']} precision changes",
         f"{len(data['conflicts'])} conflicts",
         f"{len(data['kernel_findings'])} kernel findings",
     ]
@@ -152,15 +158,17 @@ def _legend(used: list[str]) -> str:
     )
     return (
         '<section id="legend"><h2>Legend</h2>'
-        f'<div class="swatches"><b>Computes at:</b> {swatches}</div>'
+        f'<div class="swatches"><b>Precision</b> (a layer: what it computes at; an edge: its tensor):'
+        f" {swatches}</div>"
         '<div class="marks"><b>Layer:</b>'
         '<span class="mark requested">requested</span>'
         '<span class="mark propagated">propagated upstream</span>'
         '<span class="mark shared">shared tensor</span>'
         '<span class="mark unchanged">unchanged</span>'
         '<span class="mark group">collapsed module group (click to open)</span>'
-        '<b>Edge:</b><span class="edge-key same">same precision</span>'
-        '<span class="edge-key convert">precision change (convert)</span></div></section>'
+        '<span class="mark change"><b>\u0394</b>precision changes here (a convert or a mixed kernel)</span>'
+        '<b>Edge:</b><span class="edge-key mixed">several precisions (edges merged by a collapsed group)</span>'
+        "</div></section>"
     )
 
 
@@ -229,6 +237,36 @@ def _changes_table(changes: list[dict[str, Any]]) -> str:
     return _table("changes", "Quantizers changed", columns, rows, "No quantizer changed.")
 
 
+def _chips(values: list[str | None]) -> str:
+    return " ".join(_chip(v) for v in values) or "-"
+
+
+def _precision_changes_table(changes: list[dict[str, Any]]) -> str:
+    rows = [
+        [f"<code>{_e(c['layer'])}</code>", _e(c["type"]), _chips(c["inputs"]), _chips(c["outputs"])]
+        for c in changes
+    ]
+    columns = ["Layer", "Type", "Reads", "Emits"]
+    return _table("precision-changes", "Precision changes", columns, rows, "No layer changes precision.")
+
+
+def _requested_table(rows_in: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            f"<code>{_e(r['layer'])}</code>",
+            _e(r["request"]),
+            _chips(r["reads"]),
+            _chip(r["computes"]),
+            " ".join(f"{_e(k)} {_chip(v)}" for k, v in r["params"].items()) or "-",
+            _chips(r["emits"]),
+            "<br>".join(_e(w) for w in r["why"]) or "as requested",
+        ]
+        for r in rows_in
+    ]
+    columns = ["Layer", "Request", "Reads", "Computes", "Params", "Emits", "Why"]
+    return _table("requested", "Requested layers as realized", columns, rows, "No layer was requested.")
+
+
 def _other_sections(data: dict[str, Any]) -> str:
     sections = [
         ("unmatched", "Requests that matched nothing", ["Id", "Target", "Where"],
@@ -241,8 +279,5 @@ def _other_sections(data: dict[str, Any]) -> str:
         ("kernels", "Backend kernel findings", ["Layer", "Op type", "Activation", "Weight", "Supported"],
          [[_e(k["layer"]), _e(k["op_type"]), _chip(k["activation"]), _chip(k["param"]), _e(", ".join(k["supported"]))]
           for k in data["kernel_findings"]]),
-        ("transitions", "Precision transitions (converts a toolchain inserts)", ["Producer", "Consumer", "Input", "Tensor", "Computes"],
-         [[_e(t["producer"]), _e(t["consumer"]), _e(t["slot"]), _chip(t["tensor"]), _chip(t["computes"])]
-          for t in data["transitions"]]),
     ]  # fmt: skip
     return "\n".join(_table(sid, title, cols, rows, "None.") for sid, title, cols, rows in sections)

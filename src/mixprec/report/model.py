@@ -1,9 +1,7 @@
-"""The report of an ``apply``/``preview``: how each request was realized.
+"""The report of an ``apply``/``preview``: how each request was realized (docs/rules.md, "The report").
 
-``MixedPrecisionReport.to_dict()`` has these stable keys (documented in docs/rules.md, "The report"):
-``requests``, ``before_preprocessing``, ``after_preprocessing``, ``after_propagation``,
-``changes``, ``unmatched``, ``shadowed``, ``conflicts``, ``kernel_findings``,
-``transitions``, ``transition_count``, ``applied``, ``strict``.
+The conflict and kernel-finding lines are built here once, for the text report and for the
+errors and warnings ``apply`` raises (``conflict_lines`` / ``kernel_lines``).
 """
 
 from __future__ import annotations
@@ -26,8 +24,9 @@ REPORT_KEYS = (
     "shadowed",
     "conflicts",
     "kernel_findings",
-    "transitions",
-    "transition_count",
+    "requested_layers",
+    "precision_changes",
+    "precision_change_count",
     "layers",
     "applied",
     "strict",
@@ -50,17 +49,43 @@ class MixedPrecisionReport:
     shadowed: list[dict[str, Any]] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     kernel_findings: list[dict[str, Any]] = field(default_factory=list)
-    transitions: list[dict[str, Any]] = field(default_factory=list)
+    requested_layers: list[dict[str, Any]] = field(default_factory=list)
+    precision_changes: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)  # every compute layer after the plan
     applied: bool = False
     strict: bool = True
 
     @property
-    def transition_count(self) -> int:
-        return len(self.transitions)
+    def precision_change_count(self) -> int:
+        return len(self.precision_changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict with the keys in ``REPORT_KEYS``."""
+        """A JSON-able dict with these stable keys (rows are dicts; precisions are names or None):
+
+        - ``requests``: one row per ``set_*`` call: ``id``, ``api``, ``target``, ``target_kind``,
+          ``activation``, ``param``, ``location`` (file:line), ``layer_count``, ``layers``.
+        - ``before_preprocessing`` / ``after_preprocessing`` / ``after_propagation``: the three phase
+          tables: ``layer``, ``request``, ``inputs``, ``outputs``, ``params`` (after propagation also
+          ``reason``; its ``outputs`` are what the layer emits, at the end of its fused group).
+        - ``changes``: every quantizer that changed: ``layer``, ``slot``, ``quantizer``, ``old``, ``new``,
+          ``granularity``, ``request``, ``reason``, ``why``, ``shared_by``.
+        - ``unmatched`` (``id``, ``target``, ``location``) and ``shadowed`` (also ``by``): requests that
+          matched nothing, or whose every layer a later request took.
+        - ``conflicts``: ``quantizer``, ``winner``, ``winner_precision``, ``winner_layer``, ``loser``,
+          ``loser_precision``, ``loser_layer``, ``loser_direct``.
+        - ``kernel_findings``: ``layer``, ``op_type``, ``activation``, ``param``, ``supported``.
+        - ``requested_layers``: each requested layer as realized: ``layer``, ``request``, ``asked``
+          (``inputs``, ``output``, ``params``), ``reads`` (per input), ``computes``, ``params``,
+          ``emits`` (per output), ``why`` (a sentence for each way it differs from ``asked``).
+        - ``precision_changes``: every layer whose inputs differ among themselves or from what it
+          emits: ``layer``, ``type``, ``inputs``, ``outputs`` (fp32 where nothing quantizes);
+          ``precision_change_count`` is their number.
+        - ``layers``: every compute layer for graph views: ``name``, ``type``, ``op_type``, ``module``,
+          ``computes``, ``outputs`` (its own output quantizers), ``params``, ``sources`` (upstream
+          layers or model inputs), ``reads`` (the precision of each source's tensor, in order),
+          ``emits``, ``precision_change``, ``status``.
+        - ``applied``, ``strict``.
+        """
         data = {key: getattr(self, key) for key in REPORT_KEYS}
         return json.loads(json.dumps(data))
 
@@ -99,20 +124,48 @@ class MixedPrecisionReport:
         )
         _section(out, "Requests shadowed by later requests", self.shadowed,
                  lambda r: f"[{r['id']}] {r['target']}: every layer taken by request(s) {r['by']}")  # fmt: skip
-        _section(out, "Conflicts (the later request won)", self.conflicts,
-                 lambda c: f"{c['quantizer']}: request {c['winner']} set {c['winner_precision']}, request "
-                 f"{c['loser']} wanted {c['loser_precision']} for layer {c['loser_layer']}")  # fmt: skip
-        _section(out, "Backend kernel findings", self.kernel_findings,
-                 lambda k: f"{k['layer']} ({k['op_type']}): activation {k['activation']}, weight {k['param']} "
-                 f"not in supported {k['supported']}")  # fmt: skip
-        out.write(
-            f"\nPrecision transitions (converts a deployment toolchain inserts): {self.transition_count}\n"
-        )
-        for t in self.transitions:
+        _lines(out, "Conflicts (the later request won)", self.conflict_lines())
+        _lines(out, "Backend kernel findings", self.kernel_lines())
+        out.write(f"\nRequested layers as realized: {len(self.requested_layers)}\n")
+        for r in self.requested_layers:
+            params = ", ".join(f"{k}: {v or '-'}" for k, v in r["params"].items()) or "-"
             out.write(
-                f"  {t['producer']} -> {t['consumer']} input {t['slot']}: {t['tensor']} read at {t['computes']}\n"
+                f"  {r['layer']} [request {r['request']}]: reads {_fmt(r['reads'])}, computes {r['computes'] or 'fp32'}"
+                f" (params {params}), emits {_fmt(r['emits'])}\n"
+            )
+            for why in r["why"]:
+                out.write(f"    why: {why}\n")
+        out.write(
+            f"\nPrecision changes (a convert or a mixed-precision kernel at deployment): {self.precision_change_count}\n"
+        )
+        for c in self.precision_changes:
+            out.write(
+                f"  {c['layer']} ({c['type']}): reads {_fmt(c['inputs'])}, emits {_fmt(c['outputs'])}\n"
             )
         return out.getvalue()
+
+    def conflict_lines(self, direct_only: bool = False) -> list[str]:
+        """One line per lost conflict: the quantizer, both requests (what, where) and the layers."""
+        requests = {r["id"]: r for r in self.requests}
+        lines = []
+        for c in self.conflicts:
+            if direct_only and not c["loser_direct"]:
+                continue
+            loser_layer = c["loser_layer"] or "the model I/O"
+            winner_layer = f" for layer {c['winner_layer']}" if c["winner_layer"] else ""
+            lines.append(
+                f"{c['quantizer']}: {_label(requests, c['loser'])} wants {c['loser_precision']} for layer "
+                f"{loser_layer}, but later {_label(requests, c['winner'])} sets {c['winner_precision']}{winner_layer}"
+            )
+        return lines
+
+    def kernel_lines(self) -> list[str]:
+        """One line per backend kernel finding: the layer, its precisions and the supported kernels."""
+        return [
+            f"{k['layer']} ({k['op_type']}): activation {k['activation'] or 'fp32'}, weight {k['param'] or '-'}; "
+            f"supported: {', '.join(k['supported'])}"
+            for k in self.kernel_findings
+        ]
 
     def __str__(self) -> str:
         return self.to_text()
@@ -134,8 +187,20 @@ class MixedPrecisionReport:
         path.write_text(self.to_text())
 
 
+def _label(requests: dict[int, dict[str, Any]], rid: int) -> str:
+    r = requests.get(rid)
+    return f"request {rid}" if r is None else f"request {rid} ({r['api']}({r['target']}) at {r['location']})"
+
+
+def _lines(out: io.StringIO, title: str, lines: list[str]) -> None:
+    out.write(f"\n{title}: {len(lines)}\n")
+    for line in lines:
+        out.write(f"  {line}\n")
+
+
 def _phase_cells(row: dict[str, Any]) -> tuple:
-    params = ", ".join(f"{k}: {v}" for k, v in row["params"].items()) or "-"
+    # a param the config leaves unquantized (BatchNorm folded into its Conv, bias) prints as "-"
+    params = ", ".join(f"{k}: {'-' if v is None else v}" for k, v in row["params"].items()) or "-"
     return (row["layer"], row["request"], _fmt(row["inputs"]), _fmt(row["outputs"]), params)
 
 

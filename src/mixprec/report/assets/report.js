@@ -27,7 +27,9 @@
     if (!layerNames.has(s) && !byName.has(s)) addNode(s, s.startsWith(INPUT) ? "input" : "other", null);
   }));
   report.layers.forEach((l) => addNode(l.name, "layer", l));
-  const transitions = new Set(report.transitions.map((t) => t.producer + "\u0000" + t.consumer));
+  // Layers where precision changes (inputs differ among themselves or from what the layer emits):
+  // the report's precision_changes, flagged on each layer row.
+  const changeCount = nodes.filter((n) => n.kind === "layer" && n.layer.precision_change).length;
 
   // ---- module groups from the qualified names ("layer1.conv1.0" is in "layer1" and "layer1.conv1")
   const groups = new Map();
@@ -119,18 +121,16 @@
     const edges = new Map();
     nodes.forEach((n) => {
       if (n.kind !== "layer") return;
-      n.layer.sources.forEach((s) => {
+      n.layer.sources.forEach((s, i) => {
         const src = byName.get(s);
         const u = byId.get(rep(src)), v = byId.get(rep(n));
         if (u === v) return;
         const key = u.id + ">" + v.id;
         let e = edges.get(key);
-        if (!e) { e = { u, v, labels: new Set(), convert: false, transition: false }; edges.set(key, e); u.out.push(e); v.in.push(e); }
-        // A convert is where the tensor's precision (the producer's output quantizer, or what a
-        // fused producer computes at) differs from what the reader computes at: the report's transitions.
-        const tensor = src.kind === "layer" ? (src.layer.outputs[0] || src.precision) : src.precision;
-        if (tensor && tensor !== n.precision) { e.convert = true; e.labels.add(tensor + "\u2192" + n.precision); }
-        if (transitions.has(s + "\u0000" + n.name)) e.transition = e.convert = true;
+        if (!e) { e = { u, v, precisions: new Set() }; edges.set(key, e); u.out.push(e); v.in.push(e); }
+        // The edge carries the tensor as its reader reads it: the precision of the quantizer that
+        // last quantized it (fp32 where none did), from the report's "reads".
+        e.precisions.add((n.layer.reads || [])[i] || "fp32");
       });
     });
     return { vnodes, edges: [...edges.values()] };
@@ -144,6 +144,8 @@
     return e;
   }
   const color = (p) => palette[p || "fp32"] || "#bdbdbd";
+  const MIXED = "#57606a";
+  const markerId = (p) => "arrow-" + String(p).replace(/[^a-z0-9_]/gi, "");
   function textColor(hex) {
     const n = parseInt(hex.slice(1), 16);
     const lum = (0.299 * (n >> 16) + 0.587 * ((n >> 8) & 255) + 0.114 * (n & 255)) / 255;
@@ -165,29 +167,19 @@
       e.dummies.forEach((d) => { pts.push([d.x + DW / 2, d.y]); pts.push([d.x + DW / 2, d.y + H]); });
       pts.push([e.v.x + (W * (e.v.in.indexOf(e) + 1)) / (e.v.in.length + 1), e.v.y]);
       let d = `M${pts[0][0]},${pts[0][1]}`;
-      let last = null;
       for (let i = 1; i < pts.length; i++) {
         const [x1, y1] = pts[i - 1], [x2, y2] = pts[i];
         const bend = y2 <= y1 ? 60 : Math.min(40, (y2 - y1) / 2);
         d += ` C${x1},${y1 + bend} ${x2},${y2 - bend} ${x2},${y2}`;
-        last = [x1, y1, x2, y2, bend];
       }
       const back = e.v.row <= e.u.row;
-      const cls = "edge" + (e.convert ? " convert" : "") + (back ? " back" : "");
-      const path = el("path", { d, class: cls, "marker-end": e.convert ? "url(#arrow-convert)" : "url(#arrow)",
-        "data-from": e.u.id, "data-to": e.v.id }, svg);
-      el("title", {}, path, `${e.u.node.name} \u2192 ${e.v.node.name}${e.labels.size ? ": " + [...e.labels].join(", ") : ""}`);
-      if (e.labels.size) {
-        const [x1, y1, x2, y2, bend] = last;
-        const t = 0.8, mt = 1 - t; // label near the reader, where the convert happens
-        const lx = mt ** 3 * x1 + 3 * mt * mt * t * x1 + 3 * mt * t * t * x2 + t ** 3 * x2;
-        const ly = mt ** 3 * y1 + 3 * mt * mt * t * (y1 + bend) + 3 * mt * t * t * (y2 - bend) + t ** 3 * y2;
-        const labels = [...e.labels];
-        // The leftmost of several in-edges labels to its left, the others to their right, so labels do not overlap.
-        const left = e.v.in.length > 1 && e.v.in.indexOf(e) === 0;
-        el("text", { x: lx + (left ? -4 : 4), y: ly, class: "conv-label", "text-anchor": left ? "end" : "start" }, svg,
-          labels[0] + (labels.length > 1 ? " +" + (labels.length - 1) : ""));
-      }
+      // One precision: the edge has its colour. Several (edges merged into a collapsed group): dashed grey.
+      const precision = e.precisions.size === 1 ? [...e.precisions][0] : "mixed";
+      const stroke = precision === "mixed" ? MIXED : color(precision);
+      const cls = "edge" + (precision === "mixed" ? " mixed" : "") + (back ? " back" : "");
+      const path = el("path", { d, class: cls, stroke, "marker-end": `url(#${markerId(precision)})`,
+        "data-from": e.u.id, "data-to": e.v.id, "data-precision": precision }, svg);
+      el("title", {}, path, `${e.u.node.name} \u2192 ${e.v.node.name}: ${[...e.precisions].join(", ")}`);
     });
   }
 
@@ -200,6 +192,7 @@
     g.setAttribute("data-name", n.name);
     g.setAttribute("data-precision", n.precision || "");
     if (n.kind === "layer") g.setAttribute("data-status", n.layer.status);
+    if (n.kind === "layer" && n.layer.precision_change) g.classList.add("change");
     el("rect", { class: "body", width: W, height: H, rx: 6, fill }, g);
     const ink = textColor(fill);
     el("text", { class: "name", x: 8, y: 18, fill: ink }, g, short(n.name.replace(INPUT, "input "), 24));
@@ -207,12 +200,18 @@
       const l = n.layer;
       const weight = l.params && l.params.weight;
       const sub = `${l.type} \u00b7 ${n.precision}` + (weight && weight !== n.precision ? ` \u00b7 w ${weight}` : "");
-      el("text", { x: 8, y: 36, fill: ink }, g, short(sub, 29));
+      el("text", { x: 8, y: 36, fill: ink }, g, short(sub, l.precision_change ? 25 : 29)); // room for the mark
       const badge = { requested: "R", propagated: "P", shared: "S" }[statusClass(l.status)];
       if (badge && l.status !== "unchanged") {
         const b = el("g", { class: "badge", transform: `translate(${W - 2},2)` }, g);
         el("circle", { r: 8 }, b);
         el("text", { x: -3.5, y: 3.5 }, b, badge);
+      }
+      if (l.precision_change) {
+        // precision changes here: what it reads differs among its inputs or from what it emits
+        const c = el("g", { class: "change-mark", transform: `translate(${W - 2},${H - 2})` }, g);
+        el("rect", { x: -18, y: -16, width: 20, height: 18, rx: 4 }, c);
+        el("text", { x: -8, y: -3, "text-anchor": "middle" }, c, "\u0394");
       }
     } else {
       el("text", { x: 8, y: 36, fill: ink }, g, n.precision ? "quantized at " + n.precision : "model input");
@@ -242,7 +241,11 @@
     el("text", { class: "name", x: 10, y: 18, fill: ink }, g, "\u25b8 " + short(v.group, 23));
     const req = v.members.filter((n) => n.layer.status === "requested").length;
     const prop = v.members.filter((n) => !["requested", "unchanged"].includes(n.layer.status)).length;
-    el("text", { x: 10, y: 31, fill: ink }, g, `${v.members.length} layers` + (req ? ` \u00b7 R ${req}` : "") + (prop ? ` \u00b7 P ${prop}` : ""));
+    const changes = v.members.filter((n) => n.layer.precision_change).length;
+    g.setAttribute("data-changes", changes);
+    if (changes) g.classList.add("change");
+    el("text", { x: 10, y: 31, fill: ink }, g, `${v.members.length} layers` + (req ? ` \u00b7 R ${req}` : "") +
+      (prop ? ` \u00b7 P ${prop}` : "") + (changes ? ` \u00b7 \u0394 ${changes}` : ""));
     el("title", {}, g, `${v.group}: ${v.members.length} layers (${[...counts].map(([p, c]) => p + " " + c).join(", ")}); click to open`);
     g.addEventListener("click", () => { expand(v.group); render(); });
   }
@@ -251,8 +254,10 @@
     if (n.kind !== "layer") return n.name;
     const l = n.layer;
     const params = Object.entries(l.params || {}).map(([k, p]) => `${k}: ${p || "-"}`).join(", ");
-    return `${l.name} (${l.type}, ${l.op_type})\ncomputes: ${l.computes || "fp32"}\noutputs: ${l.outputs.map((o) => o || "-").join(", ")}` +
-      `\nparams: ${params || "-"}\nstatus: ${l.status}\nsources: ${l.sources.join(", ") || "-"}`;
+    return `${l.name} (${l.type}, ${l.op_type})\nreads: ${(l.reads || []).map((o) => o || "-").join(", ") || "-"}` +
+      `\ncomputes: ${l.computes || "fp32"}\nemits: ${(l.emits || []).map((o) => o || "-").join(", ")}` +
+      `\nparams: ${params || "-"}\nstatus: ${l.status}${l.precision_change ? "\nprecision changes here" : ""}` +
+      `\nsources: ${l.sources.join(", ") || "-"}`;
   }
 
   function select(n) {
@@ -261,9 +266,11 @@
     box.textContent = "";
     const dl = document.createElement("dl");
     const rows = n.kind === "layer" ? [["Layer", n.name], ["Type", `${n.layer.type} (${n.layer.op_type})`], ["Module", n.layer.module || "(root)"],
-      ["Computes", n.precision], ["Outputs", n.layer.outputs.map((o) => o || "-").join(", ")],
+      ["Reads", (n.layer.reads || []).map((o) => o || "-").join(", ") || "-"],
+      ["Computes", n.precision], ["Emits", (n.layer.emits || []).map((o) => o || "-").join(", ")],
+      ["Precision change", n.layer.precision_change ? "yes" : "no"],
       ["Params", Object.entries(n.layer.params || {}).map(([k, p]) => `${k}: ${p || "-"}`).join(", ") || "-"],
-      ["Status", n.layer.status], ["Reads", n.layer.sources.join(", ") || "-"]] : [["Node", n.name], ["Precision", n.precision || "unchanged"]];
+      ["Status", n.layer.status], ["Sources", n.layer.sources.join(", ") || "-"]] : [["Node", n.name], ["Precision", n.precision || "unchanged"]];
     rows.forEach(([k, val]) => {
       const dt = document.createElement("dt"); dt.textContent = k; dl.appendChild(dt);
       const dd = document.createElement("dd"); dd.textContent = val; dl.appendChild(dd);
@@ -320,10 +327,11 @@
     svg.setAttribute("height", view.height);
     svg.setAttribute("viewBox", `0 0 ${view.width} ${view.height}`);
     const defs = el("defs", {}, svg);
-    [["arrow", "#8c959f"], ["arrow-convert", "#d62728"]].forEach(([id, fill]) => {
-      const m = el("marker", { id, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 9, markerHeight: 9,
+    const used = new Set(view.edges.map((e) => (e.precisions.size === 1 ? [...e.precisions][0] : "mixed")));
+    used.forEach((p) => {
+      const m = el("marker", { id: markerId(p), viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 10, markerHeight: 10,
         markerUnits: "userSpaceOnUse", orient: "auto-start-reverse" }, defs);
-      el("path", { d: "M0,0 L10,5 L0,10 z", fill }, m);
+      el("path", { d: "M0,0 L10,5 L0,10 z", fill: p === "mixed" ? MIXED : color(p) }, m);
     });
     drawEdges(svg, view);
     view.vnodes.forEach((v) => drawNode(svg, v));
@@ -332,10 +340,11 @@
       if (name && matches.has(name)) g.classList.add("match");
       if (name && name === selected) g.classList.add("selected");
     });
-    const converts = view.edges.filter((e) => e.convert).length;
     svg.setAttribute("data-visible-nodes", view.vnodes.length);
+    svg.setAttribute("data-precision-changes", changeCount);
     document.getElementById("graph-status").textContent =
-      `${view.vnodes.length} nodes shown of ${nodes.length} (${collapsed.size} groups collapsed), ${converts} precision changes`;
+      `${view.vnodes.length} nodes shown of ${nodes.length} (${collapsed.size} groups collapsed), ` +
+      `${changeCount} precision change${changeCount === 1 ? "" : "s"} (\u0394)`;
     drawTree();
     document.body.setAttribute("data-graph-ready", "1");
   }
