@@ -200,7 +200,7 @@
       const l = n.layer;
       const weight = l.params && l.params.weight;
       const sub = `${l.type} \u00b7 ${n.precision}` + (weight && weight !== n.precision ? ` \u00b7 w ${weight}` : "");
-      el("text", { x: 8, y: 36, fill: ink }, g, short(sub, l.precision_change ? 25 : 29)); // room for the mark
+      el("text", { x: 8, y: 36, fill: ink }, g, short(sub, 29));
       const badge = { requested: "R", propagated: "P", shared: "S" }[statusClass(l.status)];
       if (badge && l.status !== "unchanged") {
         const b = el("g", { class: "badge", transform: `translate(${W - 2},2)` }, g);
@@ -209,9 +209,10 @@
       }
       if (l.precision_change) {
         // precision changes here: what it reads differs among its inputs or from what it emits
-        const c = el("g", { class: "change-mark", transform: `translate(${W - 2},${H - 2})` }, g);
-        el("rect", { x: -18, y: -16, width: 20, height: 18, rx: 4 }, c);
-        el("text", { x: -8, y: -3, "text-anchor": "middle" }, c, "\u0394");
+        // on the box's left edge, clear of its text and of the edges entering at the top
+        const c = el("g", { class: "change-mark", transform: `translate(0,${H / 2})` }, g);
+        el("rect", { x: -13, y: -9, width: 18, height: 18, rx: 4 }, c);
+        el("text", { x: -4, y: 4.5, "text-anchor": "middle" }, c, "\u0394");
       }
     } else {
       el("text", { x: 8, y: 36, fill: ink }, g, n.precision ? "quantized at " + n.precision : "model input");
