@@ -1,6 +1,7 @@
 """Rule 4 (a requested layer emits its precision) and the report's precision changes (docs/rules.md)."""
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,31 @@ def test_batchnorm_params_left_unquantized_print_as_a_dash():
         f"Precision changes (a convert or a mixed-precision kernel at deployment): {report.precision_change_count}"
         in text
     )
+
+
+def test_every_report_key_is_documented():
+    from mixprec.report.model import REPORT_KEYS, MixedPrecisionReport
+
+    doc = MixedPrecisionReport.to_dict.__doc__
+    rules = (Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text()
+    for key in REPORT_KEYS:
+        assert f"``{key}``" in doc, key
+        assert f"`{key}`" in rules, key
+
+
+def test_demo_help_says_what_it_does():
+    from typer.testing import CliRunner
+
+    from mixprec.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Six requests" in text and "five" not in text and "seed" not in text
+    for words in (
+        "every Linear at fp16",
+        "the model input at int16",
+        "the model output at fp16",
+        "matching nothing",
+    ):
+        assert words in text, words
