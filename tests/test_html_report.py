@@ -31,19 +31,21 @@ def demo_report():
 
 def big_report(blocks=120):
     """A synthetic report of 5 * blocks layers: residual blocks, every third one at int16."""
-    layers, previous = [], "model input input[0]"
+    layers, previous, before = [], "model input input[0]", "int8"
     for b in range(blocks):
         precision = "int16" if b % 3 == 0 else "int8"
         status = "requested" if b % 3 == 0 else ("propagated upstream" if b % 3 == 1 else "unchanged")
         names = [f"blocks.{b}.{n}" for n in ("conv", "bn", "relu", "add", "act")]
         sources = [[previous], [names[0]], [names[1]], [names[2], previous], [names[3]]]
-        for name, src, kind in zip(
-            names, sources, ("Conv2d", "BatchNorm2d", "ReLU", "add", "relu"), strict=True
+        reads = [[before], [precision], [precision], [precision, before], [precision]]
+        for name, src, kind, read in zip(
+            names, sources, ("Conv2d", "BatchNorm2d", "ReLU", "add", "relu"), reads, strict=True
         ):
             layers.append({"name": name, "type": kind, "op_type": kind, "module": name.rsplit(".", 1)[0],
                            "computes": precision, "outputs": [precision], "params": {}, "sources": src,
-                           "status": status})  # fmt: skip
-        previous = names[-1]
+                           "reads": read, "emits": [precision], "status": status,
+                           "precision_change": len({*read, precision}) > 1})  # fmt: skip
+        previous, before = names[-1], precision
     return MixedPrecisionReport(layers=layers, applied=True)
 
 
@@ -235,6 +237,11 @@ def test_large_model_starts_collapsed_and_expands(chromium, tmp_path):
     assert shown == 600  # every layer is in the view, alone or inside a group
     mixed = {g["data-precision"] for g in groups}
     assert mixed <= {"int8", "int16", "mixed"}
+    # a block entered at another precision changes it at its conv and its add: 80 of 120 blocks
+    changes = sum(row["precision_change"] for row in report.layers)
+    assert changes == 160 == int(dom.svg["data-precision-changes"])
+    assert sum(int(g["data-changes"]) for g in groups) == changes  # every block is collapsed here
+    assert "160 precision changes" in dom.status
     full = rendered(chromium, path, tmp_path, "#expand=all")
     assert sum("layer" in n["classes"] for n in full.nodes) == 600
     opened = rendered(chromium, path, tmp_path, "#expand=blocks.7")
