@@ -279,3 +279,70 @@ class Looped(nn.Module):
 
 TINY_MODELS["branchy"] = Branchy
 TINY_MODELS["looped"] = Looped
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = MixtralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+
+
+def sharpen_attention(model: nn.Module, factor: float) -> None:
+    """Multiply every q/k projection weight by ``factor``: peakier softmax, larger scores."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(factor)
+
+
+def sqnr_db(reference: torch.Tensor, value: torch.Tensor) -> float:
+    reference, value = reference.detach().double(), value.detach().double()
+    noise = (reference - value).pow(2).mean().clamp_min(1e-300)
+    return float(10 * torch.log10(reference.pow(2).mean() / noise))
+
+
+class CastingForward(nn.Module):
+    """Top-level ``.to``/``.float``/``.type``/``.half``/``.size`` calls: layer names that are
+    ``nn.Module`` attribute names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).float().type(torch.float32).half().float()
+        return self.fc(x * x.size(-1)).double().float()
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 4)
+
+
+class HistcRouting(nn.Module):
+    """Counts from ``torch.histc`` turned into int32 offsets that slice the rows: the counts
+    must stay exact (Mixtral's expert grouping, in small)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(4, 3)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expert = self.router(x).argmax(-1)
+        order, perm = torch.sort(expert)
+        counts = torch.histc(order.float(), bins=3, min=0, max=2)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        y = self.fc(x[perm])
+        return y * offsets.float().repeat_interleave(counts.long())[:, None]
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(13, 4)

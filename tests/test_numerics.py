@@ -1,0 +1,100 @@
+"""Numerics on real model patterns: additive masks, integer-valued tensors, layer names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixprec import QuantizationSimModel
+from tests.models import CastingForward, HistcRouting, sharpen_attention, sqnr_db, tiny_llama, tiny_mixtral
+
+
+def _calibrated(model, dummy, bits: int) -> QuantizationSimModel:
+    sim = QuantizationSimModel(model, dummy, default_output_bw=bits, default_param_bw=bits)
+    if isinstance(dummy, dict):
+        sim.compute_encodings(lambda m, _: m(**dummy), None)
+    else:
+        sim.compute_encodings(lambda m, _: m(dummy), None)
+    return sim
+
+
+def _logits_sqnr(model, dummy, bits: int) -> float:
+    with torch.no_grad():
+        reference = model(**dummy).logits
+        return sqnr_db(reference, _calibrated(model, dummy, bits).model(**dummy).logits)
+
+
+def test_eager_attention_mask_sets_no_range_and_stays_masked():
+    eager = _logits_sqnr(*tiny_llama("eager"), 16)
+    sdpa = _logits_sqnr(*tiny_llama("sdpa"), 16)
+    assert eager >= sdpa - 3, (eager, sdpa)
+    model, dummy = tiny_llama("eager")
+    sharpen_attention(model, 6.0)
+    assert _logits_sqnr(model, dummy, 8) >= 20
+
+
+def test_mask_values_pass_through_and_are_excluded_from_the_range():
+    model, dummy = tiny_llama("eager", layers=1)
+    sim = _calibrated(model, dummy, 8)
+    passing = [(p, q) for p, q in sim.quantizers() if q.passes_masks]
+    assert passing, "the scores + mask add must be recognised as carrying mask values"
+    for _, q in passing:
+        assert float(q.get_encoding().min) > -1e4
+    x = torch.tensor([-3.0e38, -1.0, 0.5, float("-inf")])
+    q = passing[0][1]
+    out = q(x)
+    assert out[0] == x[0] and out[3] == x[3]
+    assert -1.0 - 1.0 < float(out[1]) < 1.0
+
+
+def test_mask_threshold_override_treats_masks_as_data():
+    model, dummy = tiny_llama("eager", layers=1)
+    sim = QuantizationSimModel(model, dummy, default_output_bw=16, default_param_bw=16)
+    sim.mask_threshold = None
+    sim.compute_encodings(lambda m, _: m(**dummy), None)
+    assert not any(q.passes_masks for _, q in sim.quantizers())
+    with pytest.raises(ValueError, match="mask_threshold"):
+        sim.mask_threshold = 5.0
+    assert sim.mask_threshold is None
+
+
+def test_integer_valued_tensors_are_not_quantized():
+    torch.manual_seed(0)
+    model = HistcRouting().eval()
+    x = model.example_input()
+    sim = _calibrated(model, x, 8)
+    by_name = {layer.name: layer for layer in sim.graph.layers}
+    for name in ("histc", "argmax", "sort"):
+        layer = by_name[name]
+        assert all(t is None for t in sim.placement.outputs[layer.index]), name
+    assert all(t is None for t in sim.placement.inputs[by_name["cumsum"].index])
+    with torch.no_grad():
+        assert sqnr_db(model(x), sim.model(x)) > 25
+
+
+def test_mixtral_routing_matches_float_model():
+    model, dummy = tiny_mixtral()
+    with torch.no_grad():
+        reference = model(**dummy, output_router_logits=True)
+        sim = _calibrated(model, dummy, 16)
+        out = sim.model(**dummy, output_router_logits=True)
+    assert sqnr_db(reference.logits, out.logits) >= 60
+    for ref_router, sim_router in zip(reference.router_logits, out.router_logits, strict=True):
+        assert torch.equal(ref_router.topk(2).indices, sim_router.topk(2).indices)
+
+
+def test_module_attribute_names_are_valid_layer_names():
+    torch.manual_seed(0)
+    model = CastingForward().eval()
+    sim = _calibrated(model, CastingForward.example_input(), 8)
+    names = {layer.name for layer in sim.graph.layers}
+    assert {"to", "float", "type", "half"} <= names
+    assert sim.model(CastingForward.example_input()).shape == (2, 4)
+
+
+def test_labels_in_a_llama_dummy_dict():
+    model, dummy = tiny_llama("sdpa", layers=1)
+    dummy["labels"] = dummy["input_ids"].clone()
+    sim = _calibrated(model, dummy, 8)
+    with torch.no_grad():
+        assert torch.isfinite(sim.model(**dummy).loss)
