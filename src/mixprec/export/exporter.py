@@ -295,7 +295,10 @@ def _spec(sim: PrecisionState, place: Place, q: QuantizerBase, key: str) -> QdqS
     if place.kind is PlaceKind.PARAM:
         with torch.no_grad():
             grid = q(sim.param_tensor(place).detach()).float().cpu().numpy()
-    return QdqSpec(key, q.label, q.precision, q.granularity, enc.scale.cpu().numpy(), offset, strict, grid)  # type: ignore[union-attr]
+    mask = q.mask_threshold if q.passes_masks else None
+    return QdqSpec(
+        key, q.label, q.precision, q.granularity, enc.scale.cpu().numpy(), offset, strict, grid, mask
+    )  # type: ignore[union-attr]
 
 
 def _rows(
