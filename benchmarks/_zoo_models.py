@@ -197,7 +197,9 @@ MODELS: dict[str, Callable[[], Built]] = {
     "vit_b_16": _vision("vit_b_16", 224, 224),
     # detection, segmentation, video, optical flow
     "fasterrcnn_mobilenet_v3_large_320_fpn": _torchvision(
-        "detection", "fasterrcnn_mobilenet_v3_large_320_fpn", lambda b: [torch.rand(3, 128, 128)] * b
+        "detection",
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        lambda b: ([torch.rand(3, 128, 128) for _ in range(b)],),
     ),
     "deeplabv3_mobilenet_v3_large": _torchvision(
         "segmentation", "deeplabv3_mobilenet_v3_large", lambda b: _image(64, b), aux_loss=False

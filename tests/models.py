@@ -346,3 +346,36 @@ class HistcRouting(nn.Module):
     @staticmethod
     def example_input() -> torch.Tensor:
         return torch.randn(13, 4)
+
+
+class EmptyBranch(nn.Module):
+    """A branch that gets rows above a threshold no example input reaches: an empty tensor
+    (Faster R-CNN's box decoding when nothing is detected)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(x)
+        picked = y[y.abs().sum(-1) > 1e6]
+        return y, torch.sigmoid(picked * 2.0)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(3, 4)
+
+
+class TinyValues(nn.Module):
+    """An output of rms ~1e-14, below the smallest range a quantizer represents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 1e-14
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(3, 4)

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from mixprec import QuantizationSimModel
-from tests.models import CastingForward, HistcRouting, sharpen_attention, sqnr_db, tiny_llama, tiny_mixtral
+from mixprec.errors import EncodingNotComputedError
+from tests.models import (
+    CastingForward,
+    EmptyBranch,
+    HistcRouting,
+    TinyValues,
+    sharpen_attention,
+    sqnr_db,
+    tiny_llama,
+    tiny_mixtral,
+)
 
 
 def _calibrated(model, dummy, bits: int) -> QuantizationSimModel:
@@ -98,3 +108,28 @@ def test_labels_in_a_llama_dummy_dict():
     sim = _calibrated(model, dummy, 8)
     with torch.no_grad():
         assert torch.isfinite(sim.model(**dummy).loss)
+
+
+def test_quantizers_seeing_only_empty_tensors_warn_and_are_listed():
+    torch.manual_seed(0)
+    model = EmptyBranch().eval()
+    x = EmptyBranch.example_input()
+    sim = QuantizationSimModel(model, x)
+    with pytest.warns(UserWarning, match=r"only empty tensors .*mul output 0"):
+        sim.compute_encodings(lambda m, _: m(x), None)
+    assert "mul output 0" in sim.empty_at_calibration
+    assert "fc output 0" not in sim.empty_at_calibration
+    y, picked = sim.model(x)
+    assert picked.shape == (0, 4)
+    (q,) = [q for _, q in sim.quantizers() if q.label == "mul output 0"]
+    with pytest.raises(EncodingNotComputedError, match="mul output 0"):
+        q(torch.ones(2, 4))  # values reaching it later: no silent pass-through
+
+
+def test_values_below_the_smallest_range_warn():
+    torch.manual_seed(0)
+    model = TinyValues().eval()
+    x = TinyValues.example_input()
+    sim = QuantizationSimModel(model, x)
+    with pytest.warns(UserWarning, match=r"quantize to 0 at: mul output 0 \(max \|x\| = "):
+        sim.compute_encodings(lambda m, _: m(x), None)

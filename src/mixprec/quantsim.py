@@ -95,6 +95,8 @@ class QuantizationSimModel(ReferenceSimAPI):
         self.quant_scheme = QuantScheme.parse(quant_scheme)
         self.config: SimConfig = load_config(config_file)
         self._mask_threshold: float | None = MASK_THRESHOLD
+        # labels of quantizers the last compute_encodings gave only empty tensors
+        self.empty_at_calibration: list[str] = []
         args, kwargs = split_dummy_input(dummy_input)
         self._float_names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if not in_place:
