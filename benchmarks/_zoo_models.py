@@ -200,6 +200,7 @@ MODELS: dict[str, Callable[[], Built]] = {
         "detection",
         "fasterrcnn_mobilenet_v3_large_320_fpn",
         lambda b: ([torch.rand(3, 128, 128) for _ in range(b)],),
+        box_score_thresh=0.0,  # random weights detect nothing otherwise: the box stages would not run
     ),
     "deeplabv3_mobilenet_v3_large": _torchvision(
         "segmentation", "deeplabv3_mobilenet_v3_large", lambda b: _image(64, b), aux_loss=False

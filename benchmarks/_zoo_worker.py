@@ -81,7 +81,9 @@ def run_one(name: str) -> dict:
 
     logs = _Logs()
     logging.getLogger("mixprec").addHandler(logs)
-    warnings.simplefilter("ignore")
+    caught = warnings.catch_warnings(record=True)
+    recorded = caught.__enter__()
+    warnings.simplefilter("always")
     row: dict[str, Any] = {"model": name, "stages": {}}
     stages = row["stages"]
     state: dict[str, Any] = {}
@@ -163,5 +165,12 @@ def run_one(name: str) -> dict:
         finally:
             if stage in stages:
                 stages[stage]["seconds"] = round(time.perf_counter() - started, 2)
-    row["warnings"] = logs.messages[:20]
+    caught.__exit__(None, None, None)
+    mixprec_warnings = [str(w.message)[:300] for w in recorded if _from_mixprec(w)]
+    row["warnings"] = list(dict.fromkeys(logs.messages + mixprec_warnings))[:20]
     return row
+
+
+def _from_mixprec(w: warnings.WarningMessage) -> bool:
+    text = str(w.message)
+    return issubclass(w.category, UserWarning) and any(k in text for k in ("quantiz", "exporter", "mixprec"))
