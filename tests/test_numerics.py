@@ -133,3 +133,20 @@ def test_values_below_the_smallest_range_warn():
     sim = QuantizationSimModel(model, x)
     with pytest.warns(UserWarning, match=r"quantize to 0 at: mul output 0 \(max \|x\| = "):
         sim.compute_encodings(lambda m, _: m(x), None)
+
+
+def test_linear_type_target_matches_gpt2_conv1d():
+    from mixprec import MixedPrecisionConfigurator
+    from tests.models import tiny_gpt2
+
+    model, dummy = tiny_gpt2()
+    sim = QuantizationSimModel(model, dummy)
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(torch.nn.Linear, activation="int16", param={"weight": "int16"})
+    mp.apply()
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"):
+        (layer,) = [l for l in sim.graph.layers if l.name == name]
+        q = sim.quantizer_at(
+            next(p for p in sim.places() if p.layer == layer.index and p.kind.value == "param")
+        )
+        assert q.precision.name == "int16", name
