@@ -145,7 +145,7 @@ def test_linear_type_target_matches_gpt2_conv1d():
     mp.set_precision(torch.nn.Linear, activation="int16", param={"weight": "int16"})
     mp.apply()
     for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"):
-        (layer,) = [l for l in sim.graph.layers if l.name == name]
+        (layer,) = [x for x in sim.graph.layers if x.name == name]
         q = sim.quantizer_at(
             next(p for p in sim.places() if p.layer == layer.index and p.kind.value == "param")
         )
