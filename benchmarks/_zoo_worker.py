@@ -132,7 +132,20 @@ def run_one(name: str) -> dict:
         session = onnxruntime.InferenceSession(str(state["qdq"]), options, providers=["CPUExecutionProvider"])
         outputs = session.run(None, _ort_inputs(session, state["dummy"]))
         values = [torch.from_numpy(o) for o in outputs]
-        return {"sqnr_vs_sim": _min_sqnr(state["sim_out"], values)}
+        # The noise floor of that comparison: the sim against itself on the input perturbed by
+        # 1e-6 (relative). ORT's float kernels sum in another order, which moves values near a
+        # rounding boundary by one step; a net that amplifies such flips cannot agree better.
+        gen = torch.Generator().manual_seed(0)
+        perturbed = pytree.tree_map(
+            lambda t: (
+                t * (1 + 1e-6 * torch.randn(t.shape, generator=gen))
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t
+            ),
+            state["dummy"],
+        )
+        floor = _min_sqnr(state["sim_out"], _tensors(_call(state["sim"].model, perturbed)))
+        return {"sqnr_vs_sim": _min_sqnr(state["sim_out"], values), "sim_perturbed_sqnr": floor}
 
     def timing() -> dict:
         model, sim, dummy = state["model"], state["sim"], state["dummy"]

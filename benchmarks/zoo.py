@@ -50,13 +50,21 @@ def main() -> None:
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
-    results = []
+    results = _previous(args.out, names) if args.models else []
     for name in names:
         row = _run_subprocess(name, args.timeout)
-        results.append(row)
+        results = [r for r in results if r["model"] != name] + [row]
         print(_line(row), flush=True)
         _write(results, args)
     _write(results, args)
+
+
+def _previous(out: str, names: list[str]) -> list[dict]:
+    """Rows of an earlier sweep (a rerun of some models replaces just their rows)."""
+    path = Path(out)
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text()).get("models", []) if r["model"] not in names]
 
 
 def _run_subprocess(name: str, timeout: float) -> dict:
