@@ -110,6 +110,10 @@ def _machine() -> dict:
 
 
 def _write(results: list[dict], args: argparse.Namespace) -> None:
+    from benchmarks._zoo_models import MODELS
+
+    order = {name: i for i, name in enumerate(MODELS)}
+    results = sorted(results, key=lambda r: order.get(r["model"], len(order)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "machine": _machine(),
