@@ -303,12 +303,6 @@ def sharpen_attention(model: nn.Module, factor: float) -> None:
                 param.mul_(factor)
 
 
-def sqnr_db(reference: torch.Tensor, value: torch.Tensor) -> float:
-    reference, value = reference.detach().double(), value.detach().double()
-    noise = (reference - value).pow(2).mean().clamp_min(1e-300)
-    return float(10 * torch.log10(reference.pow(2).mean() / noise))
-
-
 class CastingForward(nn.Module):
     """Top-level ``.to``/``.float``/``.type``/``.half``/``.size`` calls: layer names that are
     ``nn.Module`` attribute names."""

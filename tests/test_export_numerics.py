@@ -12,7 +12,8 @@ import torch
 
 from mixprec import QuantizationSimModel
 from mixprec.export import trace as onnx_trace
-from tests.models import sqnr_db, tiny_llama
+from tests.helpers import sqnr_db
+from tests.models import tiny_llama
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ import torch
 
 from mixprec import QuantizationSimModel
 from mixprec.errors import EncodingNotComputedError
+from tests.helpers import sqnr_db
 from tests.models import (
     CastingForward,
     EmptyBranch,
     HistcRouting,
     TinyValues,
     sharpen_attention,
-    sqnr_db,
     tiny_llama,
     tiny_mixtral,
 )
