@@ -77,9 +77,13 @@ def _raft() -> Built:
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.optical_flow.raft_small(weights=None, num_flow_updates=3).eval()
-    _reestimate_batchnorm(model, [(_image(64), _image(64))])
-    return model, (_image(64), _image(64)), (_image(96), _image(96))
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+
+    def pair(size: int) -> dict:
+        return {"image1": _image(size), "image2": _image(size), "num_flow_updates": 3}
+
+    _reestimate_batchnorm(model, [pair(128)])
+    return model, pair(128), pair(160)
 
 
 def _ids(vocab: int = 128, batch: int = 1, seq: int = 8) -> dict[str, torch.Tensor]:
