@@ -64,8 +64,9 @@ def _torchvision(module: str, name: str, x: Callable[[int], Any], **kwargs: Any)
         import importlib
 
         torch.manual_seed(0)
+        backbone = {} if module == "video" else {"weights_backbone": None}
         model = getattr(importlib.import_module(f"torchvision.models.{module}"), name)(
-            weights=None, weights_backbone=None, **kwargs
+            weights=None, **backbone, **kwargs
         ).eval()
         _reestimate_batchnorm(model, [x(2), x(2)])
         return model, x(1), x(2)

@@ -171,7 +171,7 @@ def run_one(name: str) -> dict:
             where = traceback.extract_tb(exc.__traceback__)[-1]
             stages[stage] = {
                 "status": "fail",
-                "error": f"{type(exc).__name__}: {str(exc)[:400]}",
+                "error": _shorten(f"{type(exc).__name__}: {exc}"),
                 "at": f"{Path(where.filename).name}:{where.lineno}",
             }
             break
@@ -182,6 +182,12 @@ def run_one(name: str) -> dict:
     mixprec_warnings = [str(w.message)[:300] for w in recorded if _from_mixprec(w)]
     row["warnings"] = list(dict.fromkeys(logs.messages + mixprec_warnings))[:20]
     return row
+
+
+def _shorten(text: str, keep: int = 300) -> str:
+    """The start and the end of a long message (errors end with their cause)."""
+    text = " ".join(text.split())
+    return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
 
 
 def _from_mixprec(w: warnings.WarningMessage) -> bool:
