@@ -14,7 +14,8 @@ random data), tiny configs for transformers, small inputs. Stages: **build** (si
 (the sim on other batch/sequence/image sizes, SQNR vs float), **export** (quantizers covered by
 the exported files / quantizers in the sim), **ORT** (onnxruntime on the QDQ model vs the sim,
 SQNR of the worst output; 40 dB or more is agreement; in parentheses the sim against itself on
-the input perturbed by 1e-6, the best agreement the model allows: see docs/export.md), and the
+the input perturbed by 1e-6 or with PyTorch's other convolution kernels, whichever is worse: the
+best agreement the model allows, see docs/export.md), and the
 sim's forward time over the float model's, measured side by side.
 
 """
