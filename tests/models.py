@@ -373,3 +373,21 @@ class TinyValues(nn.Module):
     @staticmethod
     def example_input() -> torch.Tensor:
         return torch.randn(3, 4)
+
+
+class TracedBranch(nn.Module):
+    """Takes another code path when traced (as transformers does for attention masks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return torch.sigmoid(y)
+        return torch.sigmoid(y)  # the same function, from another line
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 4)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from mixprec import QuantizationSimModel
+from mixprec.errors import ExportError
 from mixprec.export import trace as onnx_trace
 from tests.helpers import sqnr_db
-from tests.models import tiny_llama
+from tests.models import TracedBranch, tiny_llama
 
 
 @pytest.fixture
@@ -48,3 +49,23 @@ def test_eager_llama_qdq_keeps_masks_and_keyword_inputs(tmp_path: Path, torchscr
     )
     with torch.no_grad():
         np.testing.assert_array_equal(fresh.model(**inputs).logits.numpy(), want.numpy())
+
+
+@pytest.mark.slow
+def test_export_gap_names_the_call_that_did_not_run_under_tracing(
+    tmp_path: Path, torchscript_only: None
+) -> None:
+    torch.manual_seed(0)
+    model = TracedBranch().eval()
+    x = TracedBranch.example_input()
+    sim = QuantizationSimModel(model, x)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    with (
+        pytest.warns(UserWarning, match="legacy TorchScript"),
+        pytest.raises(
+            ExportError,
+            match=r"(?s)'sigmoid output 0'.*its call \(sigmoid at models.py:\d+\) did not run.*another code path",
+        ),
+    ):
+        sim.export(tmp_path, "m", dummy_input=x)
+    assert list(tmp_path.iterdir()) == []

@@ -62,13 +62,16 @@ def gap_error(sim: PrecisionState, entries: Entries, gaps: list[tuple[int, str]]
         if where is not None:
             why += f": its call ({where}) did not run while the exporter traced the model"
         lines.append(f"  {layer}: quantizer {q.label or sim.describe(place)!r} ({q.precision}) {why}")
-    if skipped and all(entries[i][0].layer in skipped for i, _ in gaps):
+    traced_path = [i for i, _ in gaps if entries[i][0].layer in skipped]
+    if traced_path:
         cause = (
             "The model takes another code path when traced (transformers, for one, builds attention masks "
             "differently under torch.export), so the exported graph computes these values elsewhere, "
             "unquantized. Keep these layers unquantized (set_precision(..., activation='fp32')) to export, "
             "or export a model whose traced path is the eager one."
         )
+        if len(traced_path) < len(gaps):
+            cause += " For the other quantizers listed, this is a bug of mixprec's export; please report it."
     else:
         cause = "This is a bug of mixprec's export; please report it with the model."
     return ExportError(
@@ -78,10 +81,10 @@ def gap_error(sim: PrecisionState, entries: Entries, gaps: list[tuple[int, str]]
     )
 
 
-def _sites_not_traced(sim: QuantizationSimModel) -> dict[int, str]:
+def _sites_not_traced(sim: PrecisionState) -> dict[int, str]:
     """Functional layers whose call site did not run in the last forward (the export trace):
     layer index -> ``function at file:line``."""
-    runtime = getattr(sim, "_runtime", None)
+    runtime = getattr(sim, "runtime", None)
     if runtime is None:
         return {}
     index_of = {layer.name: layer.index for layer in sim.graph.layers}
