@@ -16,7 +16,9 @@ the exported files / quantizers in the sim), **ORT** (onnxruntime on the QDQ mod
 SQNR of the worst output; 40 dB or more is agreement; in parentheses the sim against itself on
 the input perturbed by 1e-6 or with PyTorch's other convolution kernels, whichever is worse: the
 best agreement the model allows, see docs/export.md), and the
-sim's forward time over the float model's, measured side by side.
+sim's forward time over the float model's, measured side by side. A rerun of some models
+(`--models a,b`) replaces their rows, so rows may come from runs minutes apart; the JSON under
+benchmarks/results/zoo.json has every number.
 
 """
 
@@ -65,9 +67,9 @@ def render(payload: dict) -> str:
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row.get('seconds', 0):.0f} |")
         for stage, s in st.items():
             if s["status"] != "ok":
-                notes.append(f"- **{row['model']}**, {stage}: {s['error']}")
+                notes.append(f"- **{row['model']}**, {stage}: {' '.join(s['error'].split())}")
         for message in row.get("warnings", [])[:3]:
-            notes.append(f"- {row['model']} (warning): {message}")
+            notes.append(f"- {row['model']} (warning): {' '.join(message.split())}")
     if notes:
         lines += ["", "## Failures and warnings", "", *notes]
     return "\n".join(lines) + "\n"
