@@ -321,21 +321,20 @@ class CastingForward(nn.Module):
 
 
 class HistcRouting(nn.Module):
-    """Counts from ``torch.histc`` turned into int32 offsets that slice the rows: the counts
-    must stay exact (Mixtral's expert grouping, in small)."""
+    """Counts from ``torch.histc`` of router scores turned into int32 offsets that pick rows: the
+    counts must stay exact (Mixtral's expert grouping, in small)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.router = nn.Linear(4, 3)
+        self.router = nn.Linear(4, 1)
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expert = self.router(x).argmax(-1)
-        order, perm = torch.sort(expert)
-        counts = torch.histc(order.float(), bins=3, min=0, max=2)
+        scores = torch.sigmoid(self.router(x)).flatten()
+        counts = torch.histc(scores, bins=3, min=0, max=1)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        y = self.fc(x[perm])
-        return y * offsets.float().repeat_interleave(counts.long())[:, None]
+        weight = offsets.float() / counts.sum()
+        return self.fc(x) * weight[1]
 
     @staticmethod
     def example_input() -> torch.Tensor:
@@ -375,19 +374,18 @@ class TinyValues(nn.Module):
         return torch.randn(3, 4)
 
 
-class TracedBranch(nn.Module):
-    """Takes another code path when traced (as transformers does for attention masks)."""
+class KeywordOnly(nn.Module):
+    """Inputs that must be passed by keyword (as transformers models take ``input_ids``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x)
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return torch.sigmoid(y)
-        return torch.sigmoid(y)  # the same function, from another line
+    def forward(self, *, x: torch.Tensor | None = None, y: torch.Tensor | None = None, scale: float = 1.0):
+        if x is None or y is None:
+            raise ValueError("You must specify x and y")
+        return self.fc(x) * y * scale
 
     @staticmethod
-    def example_input() -> torch.Tensor:
-        return torch.randn(2, 4)
+    def example_input() -> dict:
+        return {"x": torch.randn(2, 4), "y": torch.randn(2, 4), "scale": 2.0}

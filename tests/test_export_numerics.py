@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from mixprec import QuantizationSimModel
-from mixprec.errors import ExportError
 from mixprec.export import trace as onnx_trace
 from tests.helpers import sqnr_db
-from tests.models import TracedBranch, tiny_llama
+from tests.models import KeywordOnly, tiny_llama
 
 
 @pytest.fixture
@@ -26,19 +25,15 @@ def torchscript_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_eager_llama_qdq_keeps_masks_and_keyword_inputs(tmp_path: Path, torchscript_only: None) -> None:
+def test_eager_llama_qdq_keeps_masks(tmp_path: Path) -> None:
     model, inputs = tiny_llama("eager", layers=1)
     sim = QuantizationSimModel(model, dummy_input=inputs, quant_scheme="tf")
     sim.compute_encodings(lambda m, _: m(**inputs), None)
-    with pytest.warns(UserWarning, match="legacy TorchScript"):
-        result = sim.export(tmp_path, "llama", dummy_input=inputs)
-    assert result.exporter == "torchscript" and result.covered == result.quantizers
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(result.qdq_onnx_path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    assert names == ["input_ids", "attention_mask"]
-    (logits,) = session.run(None, {k: inputs[k].numpy() for k in names})
+    assert any(q.passes_masks for _, q in sim.quantizers())
+    result = sim.export(tmp_path, "llama", dummy_input=inputs)
+    assert result.covered == result.quantizers
+    names = [i.name for i in _session(result.qdq_onnx_path).get_inputs()]
+    (logits,) = _session(result.qdq_onnx_path).run(None, {k: inputs[k].numpy() for k in names})
     with torch.no_grad():
         want = sim.model(**inputs).logits
     assert sqnr_db(want, torch.from_numpy(logits)) >= 40
@@ -51,21 +46,24 @@ def test_eager_llama_qdq_keeps_masks_and_keyword_inputs(tmp_path: Path, torchscr
         np.testing.assert_array_equal(fresh.model(**inputs).logits.numpy(), want.numpy())
 
 
-@pytest.mark.slow
-def test_export_gap_names_the_call_that_did_not_run_under_tracing(
-    tmp_path: Path, torchscript_only: None
-) -> None:
+def test_torchscript_fallback_passes_keyword_inputs(tmp_path: Path, torchscript_only: None) -> None:
     torch.manual_seed(0)
-    model = TracedBranch().eval()
-    x = TracedBranch.example_input()
-    sim = QuantizationSimModel(model, x)
-    sim.compute_encodings(lambda m, _: m(x), None)
-    with (
-        pytest.warns(UserWarning, match="legacy TorchScript"),
-        pytest.raises(
-            ExportError,
-            match=r"(?s)'sigmoid output 0'.*its call \(sigmoid at models.py:\d+\) did not run.*another code path",
-        ),
-    ):
-        sim.export(tmp_path, "m", dummy_input=x)
-    assert list(tmp_path.iterdir()) == []
+    model = KeywordOnly().eval()
+    inputs = KeywordOnly.example_input()
+    sim = QuantizationSimModel(model, dummy_input=inputs, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(**inputs), None)
+    with pytest.warns(UserWarning, match="legacy TorchScript"):
+        result = sim.export(tmp_path, "kw", dummy_input=inputs)
+    assert result.exporter == "torchscript" and result.covered == result.quantizers
+    session = _session(result.qdq_onnx_path)
+    assert [i.name for i in session.get_inputs()] == ["x", "y"]
+    (out,) = session.run(None, {k: inputs[k].numpy() for k in ("x", "y")})
+    with torch.no_grad():
+        want = sim.model(**inputs)
+    np.testing.assert_allclose(out, want.numpy(), atol=1e-5)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

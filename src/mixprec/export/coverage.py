@@ -9,7 +9,6 @@ layer and the quantizer.
 
 from __future__ import annotations
 
-import dis
 import json
 from collections import Counter
 from pathlib import Path
@@ -54,50 +53,15 @@ def keys_by_quantizer(sim: PrecisionState, entries: Entries, sites: list[MarkerS
 def gap_error(sim: PrecisionState, entries: Entries, gaps: list[tuple[int, str]]) -> ExportError:
     """The error listing ``gaps`` (quantizer index, what is wrong), one line per quantizer."""
     lines = []
-    skipped = _sites_not_traced(sim)
     for i, why in gaps:
         place, q = entries[i]
         layer = "model input" if place.layer is None else f"layer {sim.graph.layers[place.layer].name!r}"
-        where = skipped.get(place.layer) if place.layer is not None else None
-        if where is not None:
-            why += f": its call ({where}) did not run while the exporter traced the model"
         lines.append(f"  {layer}: quantizer {q.label or sim.describe(place)!r} ({q.precision}) {why}")
-    traced_path = [i for i, _ in gaps if entries[i][0].layer in skipped]
-    if traced_path:
-        cause = (
-            "The model takes another code path when traced (transformers, for one, builds attention masks "
-            "differently under torch.export), so the exported graph computes these values elsewhere, "
-            "unquantized. Keep these layers unquantized (set_precision(..., activation='fp32')) to export, "
-            "or export a model whose traced path is the eager one."
-        )
-        if len(traced_path) < len(gaps):
-            cause += " For the other quantizers listed, this is a bug of mixprec's export; please report it."
-    else:
-        cause = "This is a bug of mixprec's export; please report it with the model."
     return ExportError(
         f"export would drop {len(gaps)} of {len(entries)} quantizers:\n"
         + "\n".join(lines)
-        + f"\nNothing was written. {cause}"
+        + "\nNothing was written. This is a bug of mixprec's export; please report it with the model."
     )
-
-
-def _sites_not_traced(sim: PrecisionState) -> dict[int, str]:
-    """Functional layers whose call site did not run in the last forward (the export trace):
-    layer index -> ``function at file:line``."""
-    runtime = getattr(sim, "runtime", None)
-    if runtime is None:
-        return {}
-    index_of = {layer.name: layer.index for layer in sim.graph.layers}
-    missed: dict[int, str] = {}
-    for (code, offset), sites in runtime.sites.items():
-        ran = runtime.counts.get((code, offset), 0)
-        for n, site in enumerate(sites):
-            if site is not None and n >= ran and site.name in index_of:
-                starts = [(start, ln) for start, ln in dis.findlinestarts(code) if start <= offset and ln]
-                line = max(starts)[1] if starts else code.co_firstlineno
-                where = f"{getattr(site.func, '__name__', site.func)} at {Path(code.co_filename).name}:{line}"
-                missed[index_of[site.name]] = where
-    return missed
 
 
 def check_coverage(
