@@ -279,3 +279,113 @@ class Looped(nn.Module):
 
 TINY_MODELS["branchy"] = Branchy
 TINY_MODELS["looped"] = Looped
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = MixtralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+
+
+def sharpen_attention(model: nn.Module, factor: float) -> None:
+    """Multiply every q/k projection weight by ``factor``: peakier softmax, larger scores."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(factor)
+
+
+class CastingForward(nn.Module):
+    """Top-level ``.to``/``.float``/``.type``/``.half``/``.size`` calls: layer names that are
+    ``nn.Module`` attribute names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).float().type(torch.float32).half().float()
+        return self.fc(x * x.size(-1)).double().float()
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 4)
+
+
+class HistcRouting(nn.Module):
+    """Counts from ``torch.histc`` of router scores turned into int32 offsets that pick rows: the
+    counts must stay exact (Mixtral's expert grouping, in small)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(4, 1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.sigmoid(self.router(x)).flatten()
+        counts = torch.histc(scores, bins=3, min=0, max=1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        weight = offsets.float() / counts.sum()
+        return self.fc(x) * weight[1]
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(13, 4)
+
+
+class EmptyBranch(nn.Module):
+    """A branch that gets rows above a threshold no example input reaches: an empty tensor
+    (Faster R-CNN's box decoding when nothing is detected)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(x)
+        picked = y[y.abs().sum(-1) > 1e6]
+        return y, torch.sigmoid(picked * 2.0)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(3, 4)
+
+
+class TinyValues(nn.Module):
+    """An output of rms ~1e-14, below the smallest range a quantizer represents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 1e-14
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(3, 4)
+
+
+class KeywordOnly(nn.Module):
+    """Inputs that must be passed by keyword (as transformers models take ``input_ids``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, *, x: torch.Tensor | None = None, y: torch.Tensor | None = None, scale: float = 1.0):
+        if x is None or y is None:
+            raise ValueError("You must specify x and y")
+        return self.fc(x) * y * scale
+
+    @staticmethod
+    def example_input() -> dict:
+        return {"x": torch.randn(2, 4), "y": torch.randn(2, 4), "scale": 2.0}

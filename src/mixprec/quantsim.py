@@ -21,6 +21,7 @@ from mixprec.capture.recorder import capture, is_leaf, split_dummy_input
 from mixprec.config.rules import SimConfig, load_config
 from mixprec.core.granularity import Granularity
 from mixprec.core.precision import NumberKind, Precision, QuantizationDataType, name_of
+from mixprec.quant.masks import MASK_THRESHOLD, check_threshold
 from mixprec.quant.observers import QuantScheme
 from mixprec.quant.quantizers import QuantizerBase, make_quantizer
 from mixprec.sim.aimet_api import (
@@ -93,6 +94,9 @@ class QuantizationSimModel(ReferenceSimAPI):
         self.param_precision = _default_precision("default_param_bw", default_param_bw, kind)
         self.quant_scheme = QuantScheme.parse(quant_scheme)
         self.config: SimConfig = load_config(config_file)
+        self._mask_threshold: float | None = MASK_THRESHOLD
+        # labels of quantizers the last compute_encodings gave only empty tensors
+        self.empty_at_calibration: list[str] = []
         args, kwargs = split_dummy_input(dummy_input)
         self._float_names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if not in_place:
@@ -147,7 +151,9 @@ class QuantizationSimModel(ReferenceSimAPI):
         """Forget cached fake-quantized parameters; the next forward recomputes them."""
         self._runtime.clear_cache()
 
-    def _build(self, template: SlotTemplate, precision: Precision | None, label: str) -> QuantizerBase | None:
+    def _build(
+        self, template: SlotTemplate, precision: Precision | None, label: str, param: bool = False
+    ) -> QuantizerBase | None:
         if precision is None or precision.is_full:
             return None
         s = template.settings
@@ -162,6 +168,8 @@ class QuantizationSimModel(ReferenceSimAPI):
         percentile = getattr(self, "_percentile_value", None)  # set_percentile_value
         if percentile is not None:
             q.set_percentile(percentile)
+        if not param:
+            q.mask_threshold = self._mask_threshold  # see docs/masks.md
         device = _model_device(self.model)
         return q if device is None else q.to(device)
 
@@ -169,6 +177,21 @@ class QuantizationSimModel(ReferenceSimAPI):
     def runtime(self) -> SimRuntime:
         """The runtime the quantized modules call into (shared by every layer of this sim)."""
         return self._runtime
+
+    @property
+    def mask_threshold(self) -> float | None:
+        """Activation values at or below this are additive-mask values (docs/masks.md); None: none are.
+
+        Setting it changes every activation quantizer, now and later; recalibrate afterwards.
+        """
+        return self._mask_threshold
+
+    @mask_threshold.setter
+    def mask_threshold(self, value: float | None) -> None:
+        self._mask_threshold = check_threshold(value)
+        for place, q in self.quantizers():
+            if place.kind is not PlaceKind.PARAM:
+                q.mask_threshold = self._mask_threshold
 
     # names ------------------------------------------------------------------------------
     def module_name(self, module: nn.Module) -> str | None:
@@ -250,7 +273,7 @@ class QuantizationSimModel(ReferenceSimAPI):
             template = SlotTemplate(
                 dataclasses.replace(template.settings, granularity=granularity), template.initial
             )
-        new = self._build(template, precision, label)
+        new = self._build(template, precision, label, param=place.kind is PlaceKind.PARAM)
         if place.kind is PlaceKind.MODEL_INPUT:
             self._runtime.input_quantizers[int(place.slot)] = new
             return

@@ -217,6 +217,13 @@ def module_op_type(module: nn.Module) -> str:
     return name
 
 
+def is_linear_like(cls: type) -> bool:
+    """Classes that compute ``x @ W + b`` like ``nn.Linear`` without subclassing it: transformers'
+    ``Conv1D`` (GPT-2, GPT-J-style projections, weight stored transposed). ``set_precision(nn.Linear)``
+    matches them too (docs/rules.md, "Type targets")."""
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
 def is_data_movement_module(module: nn.Module) -> bool:
     return isinstance(module, DATA_MOVEMENT_MODULES)
 

@@ -105,6 +105,8 @@ def build_encodings(sim: PrecisionState, rows: list[Row]) -> dict[str, Any]:
             "encoding_shape": None if scale is None else list(scale.shape),
             "symmetric": q.symmetric,
             "strict_symmetric": bool(getattr(q, "strict_symmetric", False)),
+            # values at or below it pass unquantized (docs/masks.md); absent: none do
+            "mask_threshold": q.mask_threshold if q.passes_masks else None,
         }
         places.append({**entry, **enc_settings, "tensor": row.keys[0], "section": section})
     per_channel = any(
@@ -136,6 +138,7 @@ class LoadItem:
     place: Place
     precision: Precision | None
     encoding: Encoding | None
+    mask_threshold: float | None = None
 
 
 def _granularity_from_json(data: dict[str, Any]) -> Granularity:
@@ -227,5 +230,6 @@ def read_encodings(sim: PrecisionState, data: dict[str, Any], source: str) -> li
         except (KeyError, TypeError, ValueError) as exc:
             detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ValueError(detail if detail.startswith(source) else f"{where}: {detail}") from None
-        items.append(LoadItem(place, precision, enc))
+        mask = item.get("mask_threshold")
+        items.append(LoadItem(place, precision, enc, None if mask is None else float(mask)))
     return items

@@ -142,7 +142,7 @@ def export_sim(
         )
     folder = _check_target(Path(path), filename_prefix)
     entries = list(sim.quantizers())
-    _check_encodings(entries)
+    _check_encodings(entries, getattr(sim, "empty_at_calibration", []))
     args, kwargs = _default_dummy_input(sim) if dummy_input is None else split_dummy_input(dummy_input)
 
     try:
@@ -246,14 +246,21 @@ def _check_target(folder: Path, prefix: str) -> Path:
     return folder
 
 
-def _check_encodings(entries: list[tuple[Place, QuantizerBase]]) -> None:
+def _check_encodings(entries: list[tuple[Place, QuantizerBase]], empty: list[str]) -> None:
     missing = [q.label for _, q in entries if q.needs_encoding and not q.is_initialized()]
     if missing:
+        starved = [m for m in missing if m in empty]
+        why = (
+            f"{len(starved)} of them saw only empty tensors during calibration (sim.empty_at_calibration): "
+            "calibrate with data that reaches those layers (a detector that detects something), or "
+            if starved
+            else ""
+        )
         shown = ", ".join(repr(m) for m in missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise ExportError(
-            f"cannot export: {len(missing)} of {len(entries)} quantizers have no encoding ({shown}); "
+            f"cannot export: {len(missing)} of {len(entries)} quantizers have no encoding ({shown}); {why}"
             "call sim.compute_encodings(forward_pass_callback, args) or sim.load_encodings(path) first. "
             "Nothing was written"
         )
@@ -295,7 +302,10 @@ def _spec(sim: PrecisionState, place: Place, q: QuantizerBase, key: str) -> QdqS
     if place.kind is PlaceKind.PARAM:
         with torch.no_grad():
             grid = q(sim.param_tensor(place).detach()).float().cpu().numpy()
-    return QdqSpec(key, q.label, q.precision, q.granularity, enc.scale.cpu().numpy(), offset, strict, grid)  # type: ignore[union-attr]
+    mask = q.mask_threshold if q.passes_masks else None
+    return QdqSpec(
+        key, q.label, q.precision, q.granularity, enc.scale.cpu().numpy(), offset, strict, grid, mask
+    )  # type: ignore[union-attr]
 
 
 def _rows(

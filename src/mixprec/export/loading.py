@@ -130,6 +130,10 @@ def _apply(
         if enc.precision.is_int and q.symmetric != enc.symmetric:  # type: ignore[union-attr]
             q.symmetric = enc.symmetric  # type: ignore[union-attr]  # the file's symmetry wins
         q.set_encoding(enc)  # type: ignore[union-attr,arg-type]
+        mask = getattr(item, "mask_threshold", None)  # docs/masks.md: mask values pass unquantized
+        if mask is not None:
+            q.mask_threshold = mask  # type: ignore[union-attr]
+        q.passes_masks = mask is not None  # type: ignore[union-attr]
         if requires_grad is not None:
             q.requires_grad_(requires_grad)  # type: ignore[union-attr]
         if allow_overwrite is not None:

@@ -50,6 +50,7 @@ class QdqSpec:
     offset: np.ndarray | None = None  # int64, same shape (integers only)
     strict_lower: bool = False  # the grid drops its lowest code
     grid_values: np.ndarray | None = None  # a parameter as the sim quantizes it (see insert_qdq)
+    mask_threshold: float | None = None  # values <= it pass unquantized (docs/masks.md)
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,13 @@ def insert_qdq(
         wrap = own_type and form.kind != "cast"
         src = b.node("Cast", [x], to=TensorProto.FLOAT) if wrap else x
         dst = unique_name(f"{spec.key}_dq_float", used) if wrap else final
-        _chain(b, spec, form, src, dst, dims)
+        if spec.mask_threshold is None:
+            _chain(b, spec, form, src, dst, dims)
+        else:  # additive-mask values pass through, as in the sim
+            quantized = unique_name(f"{spec.key}_quantized", used)
+            _chain(b, spec, form, src, quantized, dims)
+            threshold = b.const("mask_threshold", np.array(spec.mask_threshold, np.float32))
+            b.node("Where", [b.node("LessOrEqual", [src, threshold]), src, quantized], dst)
         if form.kind == "cast" and own_type:
             b.nodes[-1].attribute[0].i = elem  # cast back to the tensor's own type
         if wrap:

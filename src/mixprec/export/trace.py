@@ -182,16 +182,31 @@ def _export_dynamo(model: nn.Module, args: tuple, kwargs: dict, opset: int) -> o
     return program.model_proto
 
 
+class _KeywordCall(nn.Module):
+    """Calls ``model(*args, **kwargs)`` from positional tensors only: the TorchScript exporter
+    does not pass keyword inputs on (transformers then sees no ``input_ids``)."""
+
+    def __init__(self, model: nn.Module, n_args: int, names: list[str], fixed: dict) -> None:
+        super().__init__()
+        self.model, self.n_args, self.names, self.fixed = model, n_args, names, fixed
+
+    def forward(self, *flat: torch.Tensor) -> Any:
+        keywords = dict(zip(self.names, flat[self.n_args :], strict=True))
+        return self.model(*flat[: self.n_args], **keywords, **self.fixed)
+
+
 def _export_torchscript(model: nn.Module, args: tuple, kwargs: dict, opset: int) -> onnx.ModelProto:
     _torchscript_symbolic()
     buffer = io.BytesIO()
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    wrapped = _KeywordCall(model, len(args), names, fixed) if kwargs else model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
-            args,
+            wrapped,
+            (*args, *(kwargs[k] for k in names)),
             buffer,
-            kwargs=kwargs or None,
             dynamo=False,
             opset_version=opset,
             custom_opsets={MARKER_DOMAIN: 1},

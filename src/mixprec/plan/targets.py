@@ -51,10 +51,14 @@ def match_target(sim: PrecisionState, target: Any) -> tuple[tuple[int, ...], Tar
     if isinstance(target, type):
         if not issubclass(target, nn.Module):
             raise RequestError(f"target class {target.__name__} is not a torch.nn.Module subclass")
+        # nn.Linear names the Linear-like classes too (transformers' Conv1D): docs/rules.md
+        linear = target is nn.Linear
         layers = tuple(
             layer.index
             for layer in graph.layers
-            if layer.is_module and issubclass(layer.op, target) and _quantizable(sim, layer.index)
+            if layer.is_module
+            and (issubclass(layer.op, target) or (linear and ops.is_linear_like(layer.op)))
+            and _quantizable(sim, layer.index)
         )
         return layers, TargetKind.MODULE_CLASS, _qualname(target)
     if isinstance(target, str):

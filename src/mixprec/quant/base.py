@@ -19,6 +19,7 @@ from torch import nn
 from mixprec.core.granularity import Granularity, PerChannel, PerTensor
 from mixprec.core.precision import Precision, PrecisionLike
 from mixprec.errors import EncodingNotComputedError
+from mixprec.quant import masks
 from mixprec.quant.observers import QuantScheme, RangeObserver, num_bins_for_tensor
 from mixprec.quant.quantizer_api import ReferenceQuantizerAPI
 
@@ -55,6 +56,10 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
 
     Attributes:
         label: where the quantizer sits, for messages (e.g. ``"features.0.0 output 0"``).
+        mask_threshold: per-tensor quantizers only: values at or below it are additive-mask
+            values (docs/masks.md); None (the default here; the sim sets it on activation
+            quantizers) treats every value as data.
+        passes_masks: calibration saw mask values, so forward passes them through unchanged.
     """
 
     scale: torch.Tensor
@@ -70,6 +75,9 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
         self._observing = False
         self._scheme = QuantScheme.TF_ENHANCED
         self._ready = False
+        self.mask_threshold: float | None = None
+        self.passes_masks = False
+        self.saw_masks = False  # while calibrating: mask values came by
         self.register_buffer("scale", torch.empty(0))
 
     # ------------------------------------------------------------------ properties
@@ -130,15 +138,21 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
         """
         if self._observing:
             if self._observer is not None and x.is_floating_point():
-                self._observer.observe(x)
+                data = x
+                if self.mask_threshold is not None and isinstance(self._granularity, PerTensor):
+                    data, saw = masks.drop_mask_values(x.detach(), self.mask_threshold)
+                    self.saw_masks |= saw
+                self._observer.observe(data)
             return x
-        if not x.is_floating_point():
-            return x
+        if not x.is_floating_point() or (x.numel() == 0 and not self._ready):
+            return x  # nothing to quantize: integers, or an empty tensor
         if not self._ready:
             raise EncodingNotComputedError(
                 f"{self._where()} has no encoding yet; call sim.compute_encodings(forward_pass_callback, args) "
                 "before running the model, or load encodings"
             )
+        if self.passes_masks and self.mask_threshold is not None:
+            return masks.pass_mask_values(x, self._quantize(x), self.mask_threshold)
         return self._quantize(x)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +173,7 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
         self._scheme = QuantScheme.parse(scheme)
         self._observer = self._new_observer(self._scheme) if self.needs_encoding and collect else None
         self._observing = True
+        self.saw_masks = False
 
     def end_calibration(self) -> None:
         """Leave observing mode and set the encoding from what was observed.
@@ -170,9 +185,13 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
         if not self._observing:
             raise RuntimeError(f"{self._where()}: end_calibration() without begin_calibration()")
         observer = self._observer
+        saw_masks = self.saw_masks
         self.abort_calibration()
         if observer is not None:
+            if saw_masks and observer.num_values == 0:
+                observer.observe(torch.zeros(1))  # only mask values came: the data range is [0, 0]
             self._set_from_observer(observer, self._scheme)
+            self.passes_masks = saw_masks
         elif self.needs_encoding:
             raise RuntimeError(
                 f"{self._where()}: nothing was collected (collect=False); use calibrate_tensor()"

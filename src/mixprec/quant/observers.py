@@ -144,6 +144,7 @@ class RangeObserver:
         self.label = label
         self.encoding_shape: tuple[int, ...] | None = None
         self.num_values = 0  # per group
+        self.empty_batches = 0  # batches with no values (a layer that got an empty tensor)
         self.min: torch.Tensor | None = None  # float64 [G]
         self.max: torch.Tensor | None = None
         self.k: torch.Tensor | None = None  # int64 [G]: bin width 2**k
@@ -163,6 +164,7 @@ class RangeObserver:
             ValueError: the number of channels/blocks differs from earlier batches.
         """
         if x.numel() == 0:
+            self.empty_batches += 1
             return
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -210,9 +212,12 @@ class RangeObserver:
     def merge(self, other: RangeObserver) -> None:
         """Fold ``other``'s statistics into this observer, exactly (as if it had seen its data)."""
         if other.num_values == 0:
+            self.empty_batches += other.empty_batches
             return
         if self.num_values == 0:
+            empty = self.empty_batches
             self._copy_from(other)
+            self.empty_batches += empty
             return
         if self.encoding_shape != other.encoding_shape or self.histogram != other.histogram:
             raise ValueError(
@@ -231,7 +236,7 @@ class RangeObserver:
         self.min, self.max = mn, mx
 
     def _copy_from(self, other: RangeObserver) -> None:
-        for name in ("encoding_shape", "num_values", "histogram", "num_bins"):
+        for name in ("encoding_shape", "num_values", "histogram", "num_bins", "empty_batches"):
             setattr(self, name, getattr(other, name))
         for name in ("min", "max", "k", "start", "counts"):
             value = getattr(other, name)

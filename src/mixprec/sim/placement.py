@@ -9,6 +9,7 @@ from torch import nn
 
 from mixprec.capture import op_types as ops
 from mixprec.capture.graph import Graph, Layer
+from mixprec.capture.value_kinds import integer_valued_tensors
 from mixprec.config.rules import SimConfig
 from mixprec.core.granularity import Granularity, PerChannel, PerTensor
 from mixprec.core.precision import Precision
@@ -153,8 +154,13 @@ def layer_templates(
     fused: bool = False,
     folded: bool = False,
     forced_outputs: frozenset[int] | set[int] = frozenset(),
+    integer: frozenset[int] | set[int] = frozenset(),
 ) -> tuple[list[SlotTemplate | None], list[SlotTemplate | None], dict[str, SlotTemplate]]:
-    """The templates of one layer's input slots, output slots and parameters (by name)."""
+    """The templates of one layer's input slots, output slots and parameters (by name).
+
+    ``integer``: tensors holding counts, indices or booleans (``capture.value_kinds``), which get
+    no quantizer.
+    """
     if layer.data_movement:
         return [None] * len(layer.inputs), [None] * len(layer.outputs), {}
     settings = QuantizerSettings(
@@ -164,10 +170,13 @@ def layer_templates(
         strict_symmetric=config.strict_symmetric,
     )
     in_on = config.is_input_quantized(layer.op_type)
-    ins = [SlotTemplate(settings, activation if in_on else None) if f else None for f in layer.input_is_float]
+    ins = [
+        SlotTemplate(settings, activation if in_on else None) if f and tid not in integer else None
+        for f, tid in zip(layer.input_is_float, layer.inputs, strict=True)
+    ]
     outs: list[SlotTemplate | None] = []
     for tid, is_float in zip(layer.outputs, layer.output_is_float, strict=True):
-        if not is_float:
+        if not is_float or tid in integer:
             outs.append(None)
             continue
         on = (config.is_output_quantized(layer.op_type) and not fused) or tid in forced_outputs
@@ -203,6 +212,7 @@ def place_quantizers(
     inputs: list[list[SlotTemplate | None]] = []
     outputs: list[list[SlotTemplate | None]] = []
     params: dict[int, SlotTemplate] = {}
+    integer = integer_valued_tensors(graph)  # counts, indices, booleans: never quantized
     for layer in graph.layers:
         module = modules.get(layer.module_name) if layer.is_module else None
         ins, outs, layer_params = layer_templates(
@@ -214,6 +224,7 @@ def place_quantizers(
             fused=layer.index in fused,
             folded=layer.index in folded,
             forced_outputs=forced,
+            integer=integer,
         )
         inputs.append(ins)
         outputs.append(outs)

@@ -63,14 +63,14 @@ class SiteBuilder:
         for key, template in placement.params.items():
             layer = graph.layers[sim._param_layers[key][0]]
             ref = next(r for r in layer.params.values() if r.key == key)
-            shared[key] = sim._build(template, template.initial, ref.qualified_name)
+            shared[key] = sim._build(template, template.initial, ref.qualified_name, param=True)
         for layer in graph.layers:
             lq = self._quantizers(layer, shared)
             sim._layer_quantizers.append(lq)
             if layer.is_module:
                 self._attach(sim.model.get_submodule(layer.module_name), lq)
             else:
-                functional[layer.name.replace(".", ":")] = lq
+                functional[functional_key(layer.name)] = lq
                 if self._has_places(layer):
                     sites[layer.index] = FunctionalSite(layer.name, layer.op, lq, list(layer.params))
         rt.sites = {key: None if index is None else sites.get(index) for key, index in result.sites.items()}
@@ -162,7 +162,7 @@ class SiteBuilder:
             input_is_float=tuple(floats),
         )
         lq = self._grow(layer, outs, None)
-        sim.model.mixprec_functional[layer.name.replace(".", ":")] = lq
+        sim.model.mixprec_functional[functional_key(layer.name)] = lq
         if not self._has_places(layer):
             return None
         return FunctionalSite(layer.name, func, lq, list(params))
@@ -253,7 +253,7 @@ class SiteBuilder:
             elif name in param_templates:
                 template = param_templates[name]
                 placement.params[ref.key] = template
-                shared[ref.key] = sim._build(template, template.initial, ref.qualified_name)
+                shared[ref.key] = sim._build(template, template.initial, ref.qualified_name, param=True)
                 fresh.append(shared[ref.key])
             sim._param_layers.setdefault(ref.key, []).append(layer.index)
         graph.append(layer)
@@ -266,3 +266,11 @@ class SiteBuilder:
                     q.begin_calibration(scheme, collect=not any(q is f for f in fresh))
         logger.info("new layer %r (%s) on a path dummy_input did not take", layer.name, layer.type_name)
         return lq
+
+
+def functional_key(name: str) -> str:
+    """The ``mixprec_functional`` key of a layer: dots become ``:`` (ModuleDict keys hold none),
+    and a name that is an ``nn.ModuleDict`` attribute (``to``, ``float``, ``type``) gets a trailing
+    ``:``, which no layer name has."""
+    key = name.replace(".", ":")
+    return key + ":" if hasattr(nn.ModuleDict, key) else key
