@@ -14,6 +14,7 @@ from mixprec.errors import (
     CalibrationError,
     CaptureError,
     ConfigError,
+    EncodingFileError,
     EncodingNotComputedError,
     ExportError,
     MixprecError,
@@ -78,6 +79,7 @@ __all__ = [
     "ExportError",
     "UnsupportedArgumentError",
     "QuantizerSettingError",
+    "EncodingFileError",
 ]
 
 __version__ = "0.1.0"

@@ -49,3 +49,7 @@ class UnsupportedArgumentError(MixprecError, TypeError):
 
 class QuantizerSettingError(MixprecError, ValueError):
     """A quantizer attribute (``bitwidth``, ``data_type``, ``symmetric``, ...) got a value it cannot take."""
+
+
+class EncodingFileError(MixprecError, ValueError):
+    """An ``.encodings`` file is malformed, or was written for another model (the sim is unchanged)."""
