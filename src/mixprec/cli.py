@@ -269,7 +269,8 @@ def apply(
     if export:
         name = prefix or re.sub(r"\W+", "_", loaded.name)
         try:
-            sim.export(str(out), name, dummy_input=loaded.dummy_input)
+            result = sim.export(str(out), name, dummy_input=loaded.dummy_input)
+            out_console.print(result.summary(), markup=False, highlight=False, soft_wrap=True)
             files += sorted(p for p in out.iterdir() if p.name.startswith(name))
         except ImportError as exc:
             err_console.print(

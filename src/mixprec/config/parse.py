@@ -117,6 +117,9 @@ def parse_json(text: str, source: str) -> Any:
 
     try:
         return json.loads(text, object_pairs_hook=no_duplicates)
+    except RecursionError:
+        # json recurses once per level: a hostile or broken file must not crash the caller
+        raise ConfigError(f"sim config {source!r}: JSON nested too deeply to be a sim config") from None
     except json.JSONDecodeError as e:
         lines = text.splitlines()
         line = lines[e.lineno - 1].strip() if 0 < e.lineno <= len(lines) else ""

@@ -17,6 +17,7 @@ place, the written files are read back and checked to cover every quantizer at i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -51,6 +52,7 @@ from mixprec.sim.state import PrecisionState
 DEFAULT_OPSET = 21  # the first opset with int4/int16 QuantizeLinear types
 MIN_OPSET = 18  # the torch.export-based exporter writes 18 and later
 T = TypeVar("T")
+_log = logging.getLogger("mixprec.export")
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def export_sim(
             input/output); default: the model's I/O paths.
 
     Returns:
-        An :class:`ExportResult`; its one-line summary is also printed.
+        An :class:`ExportResult`; its one-line summary is also logged (logger ``mixprec.export``, INFO).
 
     Raises:
         ExportError: a quantizer has no encoding, the folder cannot be written, the exporter
@@ -211,7 +213,7 @@ def export_sim(
         notes=tuple(traced.notes),
         seconds=time.perf_counter() - start,
     )
-    print(result.summary())
+    _log.info(result.summary())  # a library logs; the CLI prints it
     return result
 
 
@@ -222,9 +224,12 @@ def load_encodings(sim: PrecisionState, path: str | os.PathLike) -> None:
     the exported sim did not have is removed), so a fresh sim of the same model and config
     reproduces the exported sim's forward bit for bit.
 
+    Precisions are taken over only from a file of the same model (same layers and parameter
+    shapes); another model's file must agree with the sim's precisions.
+
     Raises:
-        ValueError: the file is not a mixprec encodings file, or does not fit this sim (the
-            message names the quantizer). The sim is unchanged then.
+        EncodingFileError: the file is not a mixprec encodings file, is malformed, or does not fit
+            this sim (the message names the entry and the quantizer). The sim is unchanged then.
         OSError: the file cannot be read.
     """
     load_encodings_into(sim, path)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixprec.errors import UnsupportedArgumentError
+from mixprec.errors import EncodingFileError, UnsupportedArgumentError
 from mixprec.export.encodings import read_encodings
 from mixprec.export.reference_encodings import is_reference_document, read_reference_encodings
 from mixprec.sim.placement import PlaceKind
@@ -29,7 +29,9 @@ def _document(encodings: Mapping | str | os.PathLike) -> tuple[dict[str, Any], s
     try:
         return json.loads(Path(encodings).read_text()), source
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{source} is not JSON: {exc}") from None
+        raise EncodingFileError(f"{source} is not JSON: {exc}") from None
+    except RecursionError:
+        raise EncodingFileError(f"{source}: JSON nested too deeply to be an encodings file") from None
 
 
 def _known(sim: PrecisionState, item: Any) -> bool:
@@ -68,7 +70,8 @@ def load_encodings_into(
             later loads; None leaves each quantizer's flag as it is.
 
     Raises:
-        ValueError: the file does not fit this sim (read_encodings names the quantizer).
+        EncodingFileError: the file is malformed or does not fit this sim (read_encodings names
+            the entry and the quantizer).
         UnsupportedArgumentError: ``requires_grad=True`` on a sim whose encodings are not
             trainable, or a loaded quantizer is frozen (``allow_overwrite(False)`` earlier).
     """

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sys
+import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -148,18 +151,22 @@ class MixedPrecisionConfigurator:
         """Resolve every recorded request and change the sim, all or nothing.
 
         Args:
-            log_file: where the text report goes: a path, an open text stream, or None.
+            log_file: where the text report goes: a path, an open text stream, or None. A path
+                is written to a temporary file next to it before the sim changes, and renamed into
+                place after, so a path that cannot be written fails with nothing applied.
             strict: raise on a lost conflict about a directly named layer and on backend kernel
                 findings; otherwise warn and report them.
 
         Raises:
             PrecisionConflictError / UnsupportedKernelError: under strict; the sim is unchanged.
+            RequestError: ``log_file`` is a directory or cannot be written; the sim is unchanged.
         """
         plan, report = self._plan(strict, applied=True)
+        finish_log = _stage_log(log_file, report.to_text())
         for change in plan.changes:
             self.sim.set_precision_at(change.place, change.new, change.claim.granularity)
         self._requests.clear()
-        report.write(log_file)
+        finish_log()
         return report
 
     def _plan(self, strict: bool, applied: bool) -> tuple[Plan, MixedPrecisionReport]:
@@ -188,6 +195,43 @@ class MixedPrecisionConfigurator:
                 raise UnsupportedKernelError(message + "\nchange the requests or call apply(strict=False)")
             warnings.warn(message, stacklevel=3)
         return plan, report
+
+
+def _stage_log(log_file: str | Path | IO[str] | None, text: str) -> Callable[[], None]:
+    """Write ``text`` where ``log_file`` says, in two steps: everything that can fail happens here,
+    before the sim changes (all or nothing); the returned function puts the file into place."""
+    if log_file is None:
+        return lambda: None
+    if hasattr(log_file, "write"):
+        return lambda: log_file.write(text)  # type: ignore[union-attr]
+    path = Path(log_file)
+    problem = f"{path} is a directory" if path.is_dir() else None
+    tmp = None
+    if problem is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the log private to its writer
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            problem = exc.strerror or str(exc)
+    if problem is not None:
+        raise RequestError(
+            f"log_file {str(log_file)!r} cannot be written ({problem}); nothing was applied. Pass a file "
+            "path in a writable folder, an open text stream, or None (report.to_text() has the text)"
+        )
+
+    def finish() -> None:
+        try:
+            os.replace(tmp, path)  # type: ignore[arg-type]
+        except OSError as exc:  # the sim has changed already: say so, do not undo it
+            Path(tmp).unlink(missing_ok=True)  # type: ignore[arg-type]
+            logging.getLogger(__name__).warning("the mixed precision log %s was not written: %s", path, exc)
+
+    return finish
 
 
 def _caller_location(depth: int = 2) -> str:

@@ -186,22 +186,65 @@ def load_profile(path: str | Path) -> Profile:
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
     source = str(path)
-    if path.suffix.lower() == ".json":
+    try:
+        data = _parse(text, source, path.suffix.lower() == ".json")
+    except RecursionError:
+        # the parsers recurse once per level: a broken file must not crash the caller
+        raise ProfileError(f"{source}: nested too deeply to be a profile") from None
+    return Profile.from_dict(data, source, _Lines.of(text))
+
+
+def _parse(text: str, source: str, is_json: bool) -> Any:
+    _check_duplicate_keys(text, source)
+    if is_json:
+
+        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [k for k, _ in pairs]
+            for key in keys:
+                if keys.count(key) > 1:  # only without PyYAML, which finds the line
+                    raise ProfileError(f"{source}: key {key!r} appears twice in one object; keep one")
+            return dict(pairs)
+
         try:
-            data = json.loads(text)
+            return json.loads(text, object_pairs_hook=no_duplicates)
         except json.JSONDecodeError as exc:
             raise ProfileError(f"{source} line {exc.lineno}: invalid JSON: {exc.msg}") from exc
-    else:
-        yaml = _yaml()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ProfileError(
-                f"{source}{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}"
-            ) from exc
-    return Profile.from_dict(data, source, _Lines.of(text))
+    yaml = _yaml()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ProfileError(f"{source}{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+
+
+def _check_duplicate_keys(text: str, source: str) -> None:
+    """Refuse a key given twice in one mapping: both parsers would keep the last one silently,
+    dropping a request setting the user wrote. JSON is (nearly) YAML, so one walk serves both."""
+    try:
+        import yaml
+
+        root = yaml.compose(text)
+    except Exception:  # noqa: BLE001 (no PyYAML, or bad syntax: the parser reports the latter)
+        return
+    stack = [root]
+    while stack:  # iterative: depth is bounded by the composer, not by this walk
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                line = key_node.start_mark.line + 1
+                if key is not None and key in first:
+                    raise ProfileError(
+                        f"{source} line {line}: key {key!r} appears twice in one mapping "
+                        f"(first at line {first[key]}); keep one"
+                    )
+                if key is not None:
+                    first[key] = line
+            stack.extend(v for _, v in reversed(node.value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
 
 
 def record_profile(mp: Recorder, profile: Profile | str | Path | Mapping) -> None:

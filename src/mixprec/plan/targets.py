@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from mixprec.capture import op_types as ops
-from mixprec.core.granularity import PerBlock
+from mixprec.core.granularity import PerBlock, PerChannel
 from mixprec.core.param_spec import ParamSpec
 from mixprec.core.precision import Precision, parse_optional
 from mixprec.errors import RequestError
@@ -110,6 +110,12 @@ def _match_module(
 
 
 def _match_string(sim: PrecisionState, text: str) -> tuple[tuple[int, ...], TargetKind, str]:
+    if not text.strip():
+        # "" is the root module's name: it would silently target every layer
+        raise RequestError(
+            f"target {text!r} is empty; pass a layer name, a glob ('features.*'), a regex ('re:...'), "
+            "or sim.model itself to target every layer"
+        )
     graph = sim.graph
     names = [layer.name for layer in graph.layers if _quantizable(sim, layer.index)]
     by_name = {layer.name: layer.index for layer in graph.layers}
@@ -185,6 +191,8 @@ def check_layer_arguments(
             raise RequestError(
                 f"param {name!r} is not a parameter of any targeted layer; available: {available or 'none'}"
             )
+        if isinstance(spec.granularity, (PerChannel, PerBlock)):
+            _check_axis(sim, layers, name, spec.granularity)
         if isinstance(spec.granularity, PerBlock):
             for i in layers:
                 ref = graph.layers[i].params.get(name)
@@ -260,3 +268,16 @@ def _shape(skeleton: Any) -> str:
     if isinstance(skeleton, dict):
         return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in skeleton.items()) + "}"
     return "P" if isinstance(skeleton, int) else "None"
+
+
+def _check_axis(sim: PrecisionState, layers: tuple[int, ...], name: str, granularity: Any) -> None:
+    """A granularity's axis must exist on every targeted parameter (else every compute_encodings fails)."""
+    for i in layers:
+        ref = sim.graph.layers[i].params.get(name)
+        if ref is not None and not -ref.ndim <= granularity.axis < ref.ndim:
+            shape = list(sim.model.get_submodule(ref.owner)._parameters[ref.attr].shape)
+            raise RequestError(
+                f"param {name!r} of layer {sim.graph.layers[i].name!r}: {granularity} names axis "
+                f"{granularity.axis}, which its {ref.ndim}-D parameter of shape {shape} does not have; "
+                f"accepted: {-ref.ndim}..{ref.ndim - 1}"
+            )

@@ -248,7 +248,7 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
         """Forget the encoding (forward then raises until a new one is set)."""
         for name in self._buffer_names:
             old = getattr(self, name)
-            setattr(self, name, torch.empty(0, dtype=old.dtype, device=old.device))
+            self._set_tensor(name, torch.empty(0, dtype=old.dtype, device=old.device))
         self._refresh()
 
     def _range_tensors(self, mn: Any, mx: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,16 +292,21 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
     def _store(self, **tensors: torch.Tensor) -> None:
         device = self.scale.device
         for name, t in tensors.items():
-            setattr(self, name, t.detach().to(device=device, dtype=getattr(self, name).dtype).clone())
+            self._set_tensor(name, t.detach().to(device=device, dtype=getattr(self, name).dtype).clone())
         self._refresh()
+
+    def _set_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Every change of an encoding tensor goes through here (learnable quantizers keep their
+        ``nn.Parameter`` objects, see ``mixprec.quant.learnable``)."""
+        setattr(self, name, value)
 
     def _refresh(self) -> None:
         """Recompute derived values after the encoding buffers changed."""
         raise NotImplementedError
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> QuantizerBase:
-        result = super()._apply(fn, *args, **kwargs)
-        self._refresh()  # cached tensors must follow the buffers to their new device/dtype
+        result = super()._apply(_keep_float32(fn), *args, **kwargs)
+        self._refresh()  # cached tensors must follow the buffers to their new device
         return result
 
     def _load_from_state_dict(
@@ -319,7 +324,9 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
             incoming = state_dict.get(prefix + name)
             current = getattr(self, name)
             if isinstance(incoming, torch.Tensor) and incoming.shape != current.shape:
-                setattr(self, name, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
+                self._set_tensor(
+                    name, torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+                )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -334,3 +341,21 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
         if self.scale.numel() and not bool((torch.isfinite(self.scale) & (self.scale > 0)).all()):
             return "scale must be finite and > 0"
         return None
+
+
+def _keep_float32(fn: Any) -> Any:
+    """``fn`` (of ``Module._apply``) limited to device moves for encoding tensors.
+
+    ``model.half()`` must not cast scales: an int16 scale of 3.4e-10 is 0 in float16, and
+    ``.half().float()`` would change every scale for good. Encodings stay float32 whatever the
+    module's dtype; inputs of other float dtypes are quantized in float32 (see the module doc of
+    ``mixprec.quant.quantizers``).
+    """
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return fn(t)
+        probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+        return fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
+
+    return apply

@@ -14,6 +14,7 @@ from mixprec.errors import CalibrationError
 from mixprec.quant.qmath import MIN_SPAN
 from mixprec.quant.quantizers import QuantizerBase
 from mixprec.sim.distributed import run_calibration_pass
+from mixprec.sim.model_state import eval_mode
 from mixprec.sim.placement import PlaceKind
 from mixprec.sim.state import PrecisionState
 
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], args: Any) -> None:
-    """Observe float values in one pass, then set encodings; on any failure restore the previous ones."""
+    """Observe float values in one pass (in eval mode, see ``eval_mode``), then set encodings; on any
+    failure restore the previous ones."""
     if not callable(callback):
         raise TypeError(f"forward_pass_callback must be callable as callback(model, args), got {callback!r}")
     entries = list(sim.quantizers())
@@ -35,7 +37,7 @@ def calibrate(sim: PrecisionState, callback: Callable[[nn.Module, Any], Any], ar
     sim.runtime.calibration_scheme = sim.quant_scheme
     known = {id(q) for _, q in entries}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(sim.model):
             # under torch.distributed this also combines the statistics of every rank
             run_calibration_pass(sim, entries, callback, args)
         sim.runtime.calibration_scheme = None
