@@ -121,7 +121,9 @@ MALFORMED = {
     "item-not-an-object": lambda q: ["oops"],
     "granularity-not-an-object": lambda q: [{**q[0], "granularity": "per_channel"}],
     "unknown-kind": lambda q: [{**q[0], "kind": "bogus"}],
-    "slot-not-a-number": lambda q: [{**q[0], "slot": "first"}] if q[0]["kind"] != "param" else [{**q[0], "slot": 3}],
+    "slot-not-a-number": lambda q: (
+        [{**q[0], "slot": "first"}] if q[0]["kind"] != "param" else [{**q[0], "slot": 3}]
+    ),
     "encoding-shape-not-a-list": lambda q: [{**q[0], "encoding_shape": 5}],
     "missing-tensor-entry": lambda q: [{**q[0], "tensor": "nowhere"}],
 }

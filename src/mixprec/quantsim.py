@@ -22,6 +22,7 @@ from mixprec.config.rules import SimConfig, load_config
 from mixprec.core.granularity import Granularity
 from mixprec.core.precision import NumberKind, Precision, QuantizationDataType, name_of
 from mixprec.errors import CaptureError
+from mixprec.quant.learnable import LearnableIntQuantizer
 from mixprec.quant.masks import MASK_THRESHOLD, check_threshold
 from mixprec.quant.observers import QuantScheme
 from mixprec.quant.quantizers import QuantizerBase, make_quantizer
@@ -56,7 +57,10 @@ class QuantizationSimModel(ReferenceSimAPI):
         dummy_input: one tensor, a tuple of positional inputs, or a dict of keyword inputs.
         quant_scheme: ``"tf"`` (min-max), ``"tf_enhanced"`` (noise-minimizing range search),
             ``"percentile"``, or a ``QuantScheme`` (also the reference's names, e.g.
-            ``QuantScheme.post_training_tf_enhanced``); None means ``"tf_enhanced"``.
+            ``QuantScheme.post_training_tf_enhanced``); None means ``"tf_enhanced"``. The range
+            learning schemes (``QuantScheme.training_range_learning_with_tf_init`` /
+            ``..._tf_enhanced_init``) calibrate as tf / tf_enhanced, then integer encodings are
+            trainable parameters (see docs/qat.md).
         default_output_bw: bitwidth of activation quantizers.
         default_param_bw: bitwidth of parameter quantizers.
         in_place: quantize ``model`` itself instead of a copy.
@@ -96,6 +100,8 @@ class QuantizationSimModel(ReferenceSimAPI):
         self.activation_precision = _default_precision("default_output_bw", default_output_bw, kind)
         self.param_precision = _default_precision("default_param_bw", default_param_bw, kind)
         self.quant_scheme = QuantScheme.parse(quant_scheme)
+        # range learning schemes calibrate like their calibration_scheme, then encodings train
+        self.range_learning = self.quant_scheme.learnable
         self.config: SimConfig = load_config(config_file)
         self._mask_threshold: float | None = MASK_THRESHOLD
         # labels of quantizers the last compute_encodings gave only empty tensors
@@ -161,14 +167,17 @@ class QuantizationSimModel(ReferenceSimAPI):
         if precision is None or precision.is_full:
             return None
         s = template.settings
-        q = make_quantizer(
-            precision,
+        settings = dict(
             symmetric=s.symmetric,
             granularity=s.granularity,
             unsigned_symmetric=s.unsigned_symmetric,
             strict_symmetric=s.strict_symmetric,
             label=label,
         )
+        if self.range_learning and precision.is_int:
+            q: QuantizerBase = LearnableIntQuantizer(precision.bits, **settings)
+        else:
+            q = make_quantizer(precision, **settings)
         percentile = getattr(self, "_percentile_value", None)  # set_percentile_value
         if percentile is not None:
             q.set_percentile(percentile)

@@ -186,7 +186,9 @@ class SimRuntime:
             or _is_fake(param)
         ):
             return q(param)
-        buffers = tuple(q._buffers.values())
+        # learnable encodings (mixprec.quant.learnable) are parameters, changed by optimizer steps
+        # in place and by `.data =` assignments: identity, version and address key them
+        buffers = (*q._buffers.values(), *q._parameters.values())
         cached = self._param_cache.get(id(q))
         if cached is not None:
             c_q, c_param, c_alias, c_version, c_buffers, c_versions, result = cached
@@ -199,11 +201,11 @@ class SimRuntime:
                 and c_alias.shape == param.shape
                 and len(c_buffers) == len(buffers)
                 and all(a is b for a, b in zip(c_buffers, buffers, strict=True))
-                and c_versions == tuple(b._version for b in buffers if b is not None)
+                and c_versions == tuple((b._version, b.data_ptr()) for b in buffers if b is not None)
             ):
                 return result
         result = q(param)
-        versions = tuple(b._version for b in buffers if b is not None)
+        versions = tuple((b._version, b.data_ptr()) for b in buffers if b is not None)
         self._param_cache[id(q)] = (q, param, param.detach(), param._version, buffers, versions, result)
         return result
 

@@ -1,0 +1,204 @@
+"""Quantization-aware training with the sim: frozen encodings, and learnable ones (range learning)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mixprec import IntQuantizer, QuantizationSimModel
+from mixprec.quant.learnable import LearnableIntQuantizer, encoding_parameters, parse_scheme
+from mixprec.quant.observers import QuantScheme
+
+from .models import build
+
+LEARN_TF = "training_range_learning_with_tf_init"
+LEARN_TF_ENHANCED = "training_range_learning_with_tf_enhanced_init"
+
+
+def regression_data(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """LinearStack, a batch, and the float model's outputs as targets (distillation)."""
+    model, _ = build("linear_stack")
+    torch.manual_seed(seed)
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        target = model(x)
+    return model, x, target
+
+
+def make_sim(model: nn.Module, x: torch.Tensor, scheme: str, bw: int = 4) -> QuantizationSimModel:
+    sim = QuantizationSimModel(
+        model, dummy_input=x, quant_scheme=scheme, default_output_bw=bw, default_param_bw=bw
+    )
+    sim.compute_encodings(lambda m, _: m(x), None)
+    return sim
+
+
+def encodings(sim: QuantizationSimModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    for place, q in sim.quantizers():
+        enc = q.get_encoding()
+        out[sim.describe(place)] = (enc.scale, enc.offset)
+    return out
+
+
+def train(
+    sim: QuantizationSimModel, x: torch.Tensor, target: torch.Tensor, steps: int, lr: float
+) -> list[float]:
+    optimizer = torch.optim.Adam(sim.model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(sim.model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    ("scheme", "init"),
+    [(LEARN_TF, "tf"), (LEARN_TF_ENHANCED, "tf_enhanced")],
+    ids=["tf-init", "tf-enhanced-init"],
+)
+def test_range_learning_initializes_like_its_scheme_and_computes_the_same(scheme: str, init: str) -> None:
+    model, x, _ = regression_data()
+    learn, frozen = make_sim(model, x, scheme), make_sim(model, x, init)
+    assert learn.quant_scheme is QuantScheme(init) and learn.range_learning and not frozen.range_learning
+    for (name, (s1, o1)), (_, (s2, o2)) in zip(
+        encodings(learn).items(), encodings(frozen).items(), strict=True
+    ):
+        assert torch.equal(s1, s2) and torch.equal(o1, o2), name
+    with torch.no_grad():
+        assert torch.equal(learn.model(x), frozen.model(x))
+    assert torch.equal(learn.model(x), frozen.model(x))  # the training path computes the same values
+
+
+def test_range_learning_encodings_are_parameters_of_the_model() -> None:
+    model, x, _ = regression_data()
+    sim = QuantizationSimModel(model, dummy_input=x, quant_scheme=LEARN_TF)
+    quantizers = [q for _, q in sim.quantizers()]
+    assert quantizers and all(isinstance(q, LearnableIntQuantizer) for q in quantizers)
+    before = {id(p) for p in encoding_parameters(sim.model)}
+    sim.compute_encodings(lambda m, _: m(x), None)
+    params = list(encoding_parameters(sim.model))
+    assert {id(p) for p in params} == before  # filled in place: an optimizer built earlier still holds them
+    assert all(isinstance(p, nn.Parameter) and p.numel() > 0 for p in params)
+    model_params = {id(p) for p in sim.model.parameters()}
+    assert all(id(q.scale) in model_params and q.scale.requires_grad for q in quantizers)
+    # asymmetric activations learn their offset; symmetric weights keep the fixed one
+    assert any(q.offset.requires_grad for q in quantizers) and not all(
+        q.offset.requires_grad for q in quantizers
+    )
+
+
+def mapping_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """LinearStack and targets of another linear map: the weights must move far from where they were
+    calibrated."""
+    model, x, _ = regression_data()
+    torch.manual_seed(1)
+    return model, x, x @ torch.randn(6, 2)
+
+
+def test_qat_with_learnable_encodings_lowers_the_loss_and_moves_encodings() -> None:
+    model, x, target = mapping_data()
+    sim = make_sim(model, x, LEARN_TF)
+    start = encodings(sim)
+    losses = train(sim, x, target, steps=30, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0], losses
+    moved = [name for name, (s, o) in encodings(sim).items() if not torch.equal(s, start[name][0])]
+    assert len(moved) == len(start), f"unchanged: {set(start) - set(moved)}"
+    for _, q in sim.quantizers():  # what export writes: integer offsets on the grid the forward used
+        enc = q.get_encoding()
+        assert enc.offset.dtype == torch.int64 and bool((enc.scale > 0).all())
+    # the ranges follow the weights; frozen ones clip them as they grow (same data, same steps)
+    frozen = make_sim(model, x, "tf")
+    assert losses[-1] < train(frozen, x, target, steps=30, lr=1e-2)[-1]
+
+
+def test_learning_only_the_encodings_lowers_the_quantization_error() -> None:
+    model, x, target = regression_data()  # the float model's outputs: the loss is quantization error
+    sim = make_sim(model, x, LEARN_TF)
+    learnable = {id(p) for p in encoding_parameters(sim.model)}
+    for p in sim.model.parameters():
+        p.requires_grad_(id(p) in learnable)
+    losses = train(sim, x, target, steps=40, lr=1e-3)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_qat_with_frozen_encodings_trains_weights_only() -> None:
+    model, x, target = mapping_data()
+    sim = make_sim(model, x, "tf")
+    start = encodings(sim)
+    assert not list(encoding_parameters(sim.model))
+    weight = sim.model.head.weight.detach().clone()
+    losses = train(sim, x, target, steps=30, lr=1e-2)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert not torch.equal(weight, sim.model.head.weight)
+    assert all(
+        torch.equal(s, start[n][0]) and torch.equal(o, start[n][1]) for n, (s, o) in encodings(sim).items()
+    )
+
+
+def test_frozen_learnable_encodings_do_not_move() -> None:
+    model, x, target = regression_data()
+    sim = make_sim(model, x, LEARN_TF_ENHANCED)
+    for p in encoding_parameters(sim.model):
+        p.requires_grad_(False)
+    start = encodings(sim)
+    train(sim, x, target, steps=3, lr=5e-3)
+    assert all(torch.equal(s, start[n][0]) for n, (s, _) in encodings(sim).items())
+
+
+def test_gradients_are_lsq_with_a_straight_through_round() -> None:
+    q = LearnableIntQuantizer(4, symmetric=False)
+    q.set_range(-1.0, 2.0)
+    s, o = q.scale.detach().clone(), q.offset.detach().clone()
+    x = torch.linspace(-3, 4, 57, dtype=torch.float32, requires_grad=True)
+    q(x).sum().backward()
+    codes = torch.round(x.detach() / s)
+    lo, hi = o, o + 15
+    inside = (codes >= lo) & (codes <= hi)
+    want_scale = torch.where(inside, codes - x.detach() / s, torch.where(codes < lo, lo, hi)).sum()
+    assert torch.allclose(q.scale.grad, want_scale, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(q.offset.grad, s * (~inside).sum())
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_learnable_encodings_survive_casts_state_dict_and_a_fresh_forward() -> None:
+    model, x, target = regression_data()
+    sim = make_sim(model, x, LEARN_TF)
+    with torch.no_grad():
+        sim.model(x)  # caches quantized weights while nothing trains
+    train(sim, x, target, steps=2, lr=1e-2)
+    with torch.no_grad():
+        y = sim.model(x)
+    state = copy.deepcopy(sim.model.state_dict())
+    other = make_sim(model, x, LEARN_TF)
+    other.model.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(other.model(x), y)  # the cache saw the optimizer's updates
+    enc = encodings(sim)
+    sim.model.half().float()
+    assert all(torch.equal(s, enc[n][0]) for n, (s, _) in encodings(sim).items())
+
+
+def test_parse_scheme_accepts_the_reference_names() -> None:
+    assert parse_scheme("training_range_learning_with_tf_init") == (QuantScheme.TF, True)
+    assert parse_scheme("QuantScheme.training_range_learning_with_tf_enhanced_init") == (
+        QuantScheme.TF_ENHANCED,
+        True,
+    )
+    assert parse_scheme("post_training_tf") == (QuantScheme.TF, False)
+    with pytest.raises(ValueError, match="training_range_learning_with_tf_init"):
+        parse_scheme("range_learning")
+
+
+def test_float_precisions_stay_frozen_under_range_learning() -> None:
+    model, x, _ = regression_data()
+    sim = QuantizationSimModel(model, dummy_input=x, quant_scheme=LEARN_TF, default_output_bw=16,
+                               default_param_bw=16, default_data_type="float")  # fmt: skip
+    assert not any(isinstance(q, IntQuantizer) for _, q in sim.quantizers())
+    assert not list(encoding_parameters(sim.model))
