@@ -21,7 +21,6 @@ from mixprec.capture.recorder import capture, is_leaf, split_dummy_input
 from mixprec.config.rules import SimConfig, load_config
 from mixprec.core.granularity import Granularity
 from mixprec.core.precision import NumberKind, Precision, QuantizationDataType, name_of
-from mixprec.errors import CaptureError
 from mixprec.quant.learnable import LearnableIntQuantizer
 from mixprec.quant.masks import MASK_THRESHOLD, check_threshold
 from mixprec.quant.observers import QuantScheme
@@ -34,7 +33,7 @@ from mixprec.sim.aimet_api import (
 )
 from mixprec.sim.calibration import calibrate
 from mixprec.sim.effective import effective_input_precisions
-from mixprec.sim.model_state import buffers_restored
+from mixprec.sim.model_state import buffers_restored, refuse_sim_model
 from mixprec.sim.placement import (
     Place,
     PlaceKind,
@@ -92,7 +91,7 @@ class QuantizationSimModel(ReferenceSimAPI):
             quant_scheme = QuantScheme.TF_ENHANCED
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _refuse_sim_model(model)
+        refuse_sim_model(model)
         try:
             kind = NumberKind(QuantizationDataType.parse(default_data_type).value)
         except ValueError as exc:
@@ -449,17 +448,6 @@ def _default_precision(arg: str, bitwidth: Any, kind: NumberKind) -> Precision:
         raise ValueError(
             f"{arg}={bitwidth!r} is not a valid {kind.value} bitwidth; accepted: {accepted}"
         ) from exc
-
-
-def _refuse_sim_model(model: nn.Module) -> None:
-    """A sim's model holds quantizers and runtime hooks: capturing it again would quantize twice,
-    and with ``in_place=True`` would rewrite the first sim's modules under it."""
-    if any(hasattr(m, "_mixprec_runtime") or isinstance(m, QuantizerBase) for m in model.modules()):
-        raise CaptureError(
-            f"{original_class(model).__name__} is already the model of a QuantizationSimModel (it holds "
-            "mixprec quantizers); build the new sim from the float model instead, or keep using the first "
-            "sim (its quantizers can be changed with MixedPrecisionConfigurator)"
-        )
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

@@ -68,9 +68,12 @@ def parse_scheme(value: Any) -> tuple[QuantScheme, bool]:
         if key in RANGE_LEARNING_SCHEMES:
             return RANGE_LEARNING_SCHEMES[key], True
     try:
-        return QuantScheme.parse(value), False
+        scheme = QuantScheme.parse(value)
     except ValueError as exc:
         raise ValueError(f"{exc}, {', '.join(RANGE_LEARNING_SCHEMES)}") from None
+    if getattr(scheme, "learnable", False):  # an enum that carries range learning itself
+        return scheme.calibration_scheme, True  # type: ignore[attr-defined]
+    return scheme, False
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:

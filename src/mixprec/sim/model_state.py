@@ -13,6 +13,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from mixprec.errors import CaptureError
+from mixprec.quant.quantizers import QuantizerBase
+from mixprec.sim.runtime import original_class
+
 
 @contextlib.contextmanager
 def buffers_restored(model: nn.Module) -> Iterator[None]:
@@ -45,3 +49,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
+
+
+def refuse_sim_model(model: nn.Module) -> None:
+    """A sim's model holds quantizers and runtime hooks: capturing it again would quantize twice,
+    and with ``in_place=True`` would rewrite the first sim's modules under it."""
+    if any(hasattr(m, "_mixprec_runtime") or isinstance(m, QuantizerBase) for m in model.modules()):
+        raise CaptureError(
+            f"{original_class(model).__name__} is already the model of a QuantizationSimModel (it holds "
+            "mixprec quantizers); build the new sim from the float model instead, or keep using the first "
+            "sim (its quantizers can be changed with MixedPrecisionConfigurator)"
+        )
