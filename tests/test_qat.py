@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec import IntQuantizer, QuantizationSimModel
+from mixprec import IntQuantizer, PerBlock, PerChannel, QuantizationSimModel
 from mixprec.quant.learnable import LearnableIntQuantizer, encoding_parameters, parse_scheme
 from mixprec.quant.observers import QuantScheme
 
@@ -202,3 +202,28 @@ def test_float_precisions_stay_frozen_under_range_learning() -> None:
                                default_param_bw=16, default_data_type="float")  # fmt: skip
     assert not any(isinstance(q, IntQuantizer) for _, q in sim.quantizers())
     assert not list(encoding_parameters(sim.model))
+
+
+GRIDS = {
+    "per-tensor-asymmetric": dict(symmetric=False),
+    "per-tensor-strict-symmetric": dict(symmetric=True, strict_symmetric=True),
+    "per-channel": dict(symmetric=True, granularity=PerChannel(0)),
+    "per-block": dict(symmetric=True, granularity=PerBlock(4, axis=1)),
+}
+
+
+@pytest.mark.parametrize("grid", list(GRIDS), ids=list(GRIDS))
+def test_learnable_quantizer_computes_what_the_frozen_one_does(grid: str) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(6, 8) * 3
+    frozen, learn = IntQuantizer(4, **GRIDS[grid]), LearnableIntQuantizer(4, **GRIDS[grid])
+    frozen.calibrate_tensor(w, "tf")
+    learn.calibrate_tensor(w, "tf")
+    assert torch.equal(frozen.get_encoding().scale, learn.get_encoding().scale)
+    x = (torch.randn(6, 8) * 4).requires_grad_(True)
+    with torch.no_grad():
+        assert torch.equal(learn(x), frozen(x))
+    out = learn(x)
+    assert torch.equal(out, frozen(x))
+    out.sum().backward()
+    assert learn.scale.grad is not None and learn.scale.grad.shape == learn.scale.shape

@@ -107,6 +107,11 @@ class LearnableIntQuantizer(IntQuantizer):
         self._by_ndim = {}
         self._base = None  # nothing is cached: the parameters change with every optimizer step
         self._ready = self.scale.numel() > 0 and self.offset.shape == self.scale.shape
+        # strictness drops the lowest code of signed grids only; symmetric offsets never train,
+        # so this holds until the next encoding change (and forward needs no device sync)
+        self._strict_lower = (
+            self._ready and self._symmetric and self.strict_symmetric and bool((self.offset < 0).any())
+        )
 
     def _offset_code(self) -> torch.Tensor:
         return _round_ste(self.offset).clamp(-(2**self.bitwidth - 1), 0)
@@ -126,7 +131,7 @@ class LearnableIntQuantizer(IntQuantizer):
         _check_channels(self, x, qm.encoding_shape(g, x.shape))
         xs = qm.split_blocks(x, g) if isinstance(g, PerBlock) else x
         scale, offset = self.scale.clamp_min(MIN_SCALE), self._offset_code()
-        strict_lower = self._symmetric and self.strict_symmetric and bool((self.offset.detach() < 0).any())
+        strict_lower = self._strict_lower
         trains = torch.is_grad_enabled() and (
             x.requires_grad or self.scale.requires_grad or self.offset.requires_grad
         )
