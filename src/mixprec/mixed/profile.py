@@ -26,6 +26,7 @@ from mixprec.core.param_spec import ParamSpec
 from mixprec.core.precision import Precision
 from mixprec.errors import ProfileError, RequestError
 from mixprec.mixed.profile_targets import io_activation, profile_target, resolve_target
+from mixprec.mixed.profile_text import Lines, parse_text, yaml_module
 from mixprec.plan.requests import Request, RequestKind
 from mixprec.quantsim import QuantizationSimModel
 
@@ -112,13 +113,13 @@ class Profile:
     source: str = field(default="<profile>", compare=False)
 
     @staticmethod
-    def from_dict(data: Any, source: str = "<profile>", lines: _Lines | None = None) -> Profile:
+    def from_dict(data: Any, source: str = "<profile>", lines: Lines | None = None) -> Profile:
         """Validate a parsed profile document.
 
         Raises:
             ProfileError: naming the file, the entry (from 1) and its line where known.
         """
-        lines = lines or _Lines()
+        lines = lines or Lines()
         if not isinstance(data, Mapping):
             raise ProfileError(
                 f"{source}: a profile is a mapping with keys {list(_TOP_KEYS)}, got {_kind(data)}"
@@ -164,7 +165,7 @@ class Profile:
         if suffix == ".json":
             text = json.dumps(self.to_dict(), indent=2) + "\n"
         elif suffix in (".yaml", ".yml"):
-            text = _yaml().safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+            text = yaml_module().safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
         else:
             raise ProfileError(
                 f"{path}: profile files end in .yaml, .yml or .json, got {suffix or 'no suffix'!r}"
@@ -187,64 +188,11 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
     source = str(path)
     try:
-        data = _parse(text, source, path.suffix.lower() == ".json")
+        data = parse_text(text, source, path.suffix.lower() == ".json")
     except RecursionError:
         # the parsers recurse once per level: a broken file must not crash the caller
         raise ProfileError(f"{source}: nested too deeply to be a profile") from None
-    return Profile.from_dict(data, source, _Lines.of(text))
-
-
-def _parse(text: str, source: str, is_json: bool) -> Any:
-    _check_duplicate_keys(text, source)
-    if is_json:
-
-        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            keys = [k for k, _ in pairs]
-            for key in keys:
-                if keys.count(key) > 1:  # only without PyYAML, which finds the line
-                    raise ProfileError(f"{source}: key {key!r} appears twice in one object; keep one")
-            return dict(pairs)
-
-        try:
-            return json.loads(text, object_pairs_hook=no_duplicates)
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{source} line {exc.lineno}: invalid JSON: {exc.msg}") from exc
-    yaml = _yaml()
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ProfileError(f"{source}{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from exc
-
-
-def _check_duplicate_keys(text: str, source: str) -> None:
-    """Refuse a key given twice in one mapping: both parsers would keep the last one silently,
-    dropping a request setting the user wrote. JSON is (nearly) YAML, so one walk serves both."""
-    try:
-        import yaml
-
-        root = yaml.compose(text)
-    except Exception:  # noqa: BLE001 (no PyYAML, or bad syntax: the parser reports the latter)
-        return
-    stack = [root]
-    while stack:  # iterative: depth is bounded by the composer, not by this walk
-        node = stack.pop()
-        if isinstance(node, yaml.MappingNode):
-            first: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                line = key_node.start_mark.line + 1
-                if key is not None and key in first:
-                    raise ProfileError(
-                        f"{source} line {line}: key {key!r} appears twice in one mapping "
-                        f"(first at line {first[key]}); keep one"
-                    )
-                if key is not None:
-                    first[key] = line
-            stack.extend(v for _, v in reversed(node.value))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(reversed(node.value))
+    return Profile.from_dict(data, source, Lines.of(text))
 
 
 def record_profile(mp: Recorder, profile: Profile | str | Path | Mapping) -> None:
@@ -408,45 +356,3 @@ def _where(index: int, line: int | None) -> str:
 
 def _kind(value: Any) -> str:
     return "nothing (empty file)" if value is None else type(value).__name__
-
-
-def _yaml() -> Any:
-    try:
-        import yaml
-    except ImportError as exc:
-        raise ProfileError(
-            "YAML profiles need PyYAML: pip install 'mixprec[cli]' (or use a .json profile)"
-        ) from exc
-    return yaml
-
-
-@dataclass
-class _Lines:
-    """1-based line numbers of top-level keys and request entries, for error messages (best effort)."""
-
-    keys: dict[str, int] = field(default_factory=dict)
-    entries: list[int] = field(default_factory=list)
-
-    @staticmethod
-    def of(text: str) -> _Lines:
-        # JSON is (nearly) YAML, so one composer serves both; without PyYAML, messages name entries only.
-        try:
-            import yaml
-
-            root = yaml.compose(text)
-        except Exception:  # noqa: BLE001 (positions are a nicety; the parse itself already succeeded)
-            return _Lines()
-        lines = _Lines()
-        if isinstance(root, yaml.MappingNode):
-            for key_node, value_node in root.value:
-                lines.keys[str(key_node.value)] = key_node.start_mark.line + 1
-                if key_node.value == "requests" and isinstance(value_node, yaml.SequenceNode):
-                    lines.entries = [item.start_mark.line + 1 for item in value_node.value]
-        return lines
-
-    def at_key(self, key: Any) -> str:
-        line = self.keys.get(str(key))
-        return f" line {line}" if line is not None else ""
-
-    def entry(self, index: int) -> int | None:
-        return self.entries[index] if index < len(self.entries) else None
