@@ -5,7 +5,9 @@ The models themselves and their example inputs are in tests/models.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,3 +54,14 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6, atol: f
     assert a.shape == b.shape, (a.shape, b.shape)
     a64, b64 = a.double(), b.double()
     assert torch.allclose(a64, b64, rtol=rtol, atol=atol), f"max abs diff {(a64 - b64).abs().max().item()}"
+
+
+def write_encodings(sim: QuantizationSimModel, path: Path) -> dict:
+    """Write the ``.encodings`` document export writes, with made-up tensor names (no ONNX needed)."""
+    from mixprec.export.encodings import Row, build_encodings
+
+    rows = [Row(place, q, (f"t{i}",)) for i, (place, q) in enumerate(sim.quantizers())]
+    rows += [Row(place, None, ()) for place in sim.places() if sim.quantizer_at(place) is None]
+    document = build_encodings(sim, rows)
+    path.write_text(json.dumps(document))
+    return document

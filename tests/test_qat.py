@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from mixprec import IntQuantizer, PerBlock, PerChannel, QuantizationSimModel
 from mixprec.quant.learnable import LearnableIntQuantizer, encoding_parameters, parse_scheme
 from mixprec.quant.observers import QuantScheme
 
+from .helpers import write_encodings
 from .models import build
 
 LEARN_TF = "training_range_learning_with_tf_init"
@@ -227,3 +229,17 @@ def test_learnable_quantizer_computes_what_the_frozen_one_does(grid: str) -> Non
     assert torch.equal(out, frozen(x))
     out.sum().backward()
     assert learn.scale.grad is not None and learn.scale.grad.shape == learn.scale.shape
+
+
+def test_learned_encodings_go_out_through_the_encodings_file(tmp_path: Path) -> None:
+    model, x, target = mapping_data()
+    sim = make_sim(model, x, LEARN_TF_ENHANCED)
+    train(sim, x, target, steps=5, lr=1e-2)
+    write_encodings(sim, tmp_path / "learned.encodings")
+    frozen = QuantizationSimModel(model, dummy_input=x, default_output_bw=4, default_param_bw=4)
+    frozen.model.load_state_dict(
+        {k: v for k, v in sim.model.state_dict().items() if "quantizer" not in k}, strict=False
+    )  # the trained weights, without the (float) learnable offsets
+    frozen.load_encodings(tmp_path / "learned.encodings")
+    with torch.no_grad():
+        assert torch.equal(frozen.model(x), sim.model(x))

@@ -13,9 +13,9 @@ from torch import nn
 
 from mixprec import MixedPrecisionConfigurator, QuantizationSimModel, load_config, load_profile
 from mixprec.errors import CaptureError, ConfigError, EncodingFileError, ProfileError, RequestError
-from mixprec.export.encodings import Row, build_encodings
 from mixprec.quant.quantizers import IntQuantizer
 
+from .helpers import write_encodings
 from .models import SmallCNN, build
 from .snapshots import full_snapshot
 
@@ -71,15 +71,6 @@ def net_sim(width: int, **kwargs) -> tuple[QuantizationSimModel, torch.Tensor]:
     torch.manual_seed(width)
     example = torch.randn(2, 3, 6, 6)
     return calibrated(Net(width).eval(), example, **kwargs), example
-
-
-def write_encodings(sim: QuantizationSimModel, path: Path) -> dict:
-    """The ``.encodings`` document export writes, with made-up tensor names (no ONNX needed)."""
-    rows = [Row(place, q, (f"t{i}",)) for i, (place, q) in enumerate(sim.quantizers())]
-    rows += [Row(place, None, ()) for place in sim.places() if sim.quantizer_at(place) is None]
-    document = build_encodings(sim, rows)
-    path.write_text(json.dumps(document))
-    return document
 
 
 def test_load_encodings_with_wrong_channel_count_is_refused(tmp_path: Path) -> None:
