@@ -243,3 +243,15 @@ def test_learned_encodings_go_out_through_the_encodings_file(tmp_path: Path) -> 
     frozen.load_encodings(tmp_path / "learned.encodings")
     with torch.no_grad():
         assert torch.equal(frozen.model(x), sim.model(x))
+
+
+def test_inference_follows_in_place_changes_of_learned_encodings() -> None:
+    q, frozen = LearnableIntQuantizer(8), IntQuantizer(8)
+    q.set_range(-1.0, 1.0)
+    x = torch.randn(64)
+    with torch.no_grad():
+        q(x)  # prepares the inference parameters
+        q.scale.mul_(2)  # as an optimizer step does
+        q.offset.sub_(3)
+        frozen.set_encoding(q.get_encoding())
+        assert torch.equal(q(x), frozen(x))

@@ -105,7 +105,8 @@ class LearnableIntQuantizer(IntQuantizer):
 
     def _refresh(self) -> None:
         self._by_ndim = {}
-        self._base = None  # nothing is cached: the parameters change with every optimizer step
+        self._base = None  # prepared for inference on demand: optimizer steps change the parameters
+        self._prepared_for: tuple[int, ...] | None = None
         self._ready = self.scale.numel() > 0 and self.offset.shape == self.scale.shape
         # strictness drops the lowest code of signed grids only; symmetric offsets never train,
         # so this holds until the next encoding change (and forward needs no device sync)
@@ -126,19 +127,28 @@ class LearnableIntQuantizer(IntQuantizer):
             self._precision, self._granularity, self._symmetric, scale, offset, mn, mx, self.strict_symmetric
         )
 
+    def _inference_params(self, ndim: int) -> qm.QParams:
+        """The frozen quantizers' prepared parameters, rebuilt when the encoding changed (an
+        optimizer step bumps the parameters' versions): one device sync per change, not per forward."""
+        key = (self.scale._version, self.offset._version, self.scale.data_ptr(), self.offset.data_ptr())
+        if key != self._prepared_for:
+            scale, offset = self.scale.detach().clamp_min(MIN_SCALE), self._offset_code().detach()
+            self._base = qm.int_qparams(scale, offset, self.bitwidth, self._strict_lower, as_python=True)
+            self._by_ndim = {}
+            self._prepared_for = key
+        return self._base if isinstance(self._granularity, PerTensor) else self._params_for(ndim)  # type: ignore[return-value]
+
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         g = self._granularity
         _check_channels(self, x, qm.encoding_shape(g, x.shape))
         xs = qm.split_blocks(x, g) if isinstance(g, PerBlock) else x
-        scale, offset = self.scale.clamp_min(MIN_SCALE), self._offset_code()
-        strict_lower = self._strict_lower
         trains = torch.is_grad_enabled() and (
             x.requires_grad or self.scale.requires_grad or self.offset.requires_grad
         )
-        if not trains:  # inference: the frozen quantizers' kernels, same values
-            qp = qm.int_qparams(scale.detach(), offset.detach(), self.bitwidth, strict_lower)
-            return qm.fake_quantize_int_prepared(xs, qm.view_qparams(qp, g, xs.ndim)).reshape(x.shape)
-        lo, hi = qm.int_clamp_bounds(offset, self.bitwidth, strict_lower)  # differentiable in offset
+        if not trains:  # inference: the frozen quantizers' kernels and values
+            return qm.fake_quantize_int_prepared(xs, self._inference_params(xs.ndim)).reshape(x.shape)
+        scale, offset = self.scale.clamp_min(MIN_SCALE), self._offset_code()
+        lo, hi = qm.int_clamp_bounds(offset, self.bitwidth, self._strict_lower)  # differentiable in offset
         if not isinstance(g, PerTensor):
             scale, lo, hi = (qm.view_encoding(t, g, xs.ndim) for t in (scale, lo, hi))
         xc = xs.to(torch.float32 if xs.dtype in (torch.float16, torch.bfloat16) else xs.dtype)
