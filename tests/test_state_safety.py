@@ -306,6 +306,7 @@ def test_duplicate_keys_in_a_profile_name_key_and_line(tmp_path: Path, suffix: s
         load_profile(path)
 
 
+@pytest.mark.slow  # one ONNX export (legacy exporter), about 6 s
 def test_export_logs_its_summary_instead_of_printing(
     tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:

@@ -8,8 +8,31 @@ from typing import Any
 
 from mixprec.errors import ProfileError
 
+MAX_NESTING = 200
+"""Deepest bracket nesting a profile may have (real ones stay under 10). PyYAML takes time
+quadratic in the nesting before it fails, so deeper text is refused before it is parsed."""
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest ``[``/``{`` nesting outside quoted strings (a cheap, slightly generous scan)."""
+    depth = deepest = 0
+    quote = ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
 
 def parse_text(text: str, source: str, is_json: bool) -> Any:
+    if _flow_depth(text) > MAX_NESTING:
+        raise ProfileError(f"{source}: nested too deeply to be a profile (more than {MAX_NESTING} levels)")
     _check_duplicate_keys(text, source)
     if is_json:
 
