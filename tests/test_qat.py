@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mixprec import IntQuantizer, PerBlock, PerChannel, QuantizationSimModel
-from mixprec.quant.learnable import LearnableIntQuantizer, encoding_parameters, parse_scheme
+from mixprec.quant.learnable import LearnableIntQuantizer, encoding_parameters
 from mixprec.quant.observers import QuantScheme
 
 from .helpers import write_encodings
@@ -68,7 +68,8 @@ def train(
 def test_range_learning_initializes_like_its_scheme_and_computes_the_same(scheme: str, init: str) -> None:
     model, x, _ = regression_data()
     learn, frozen = make_sim(model, x, scheme), make_sim(model, x, init)
-    assert learn.quant_scheme is QuantScheme(init) and learn.range_learning and not frozen.range_learning
+    assert learn.quant_scheme.calibration_scheme is QuantScheme(init)
+    assert learn.range_learning and not frozen.range_learning
     for (name, (s1, o1)), (_, (s2, o2)) in zip(
         encodings(learn).items(), encodings(frozen).items(), strict=True
     ):
@@ -187,15 +188,12 @@ def test_learnable_encodings_survive_casts_state_dict_and_a_fresh_forward() -> N
     assert all(torch.equal(s, enc[n][0]) for n, (s, _) in encodings(sim).items())
 
 
-def test_parse_scheme_accepts_the_reference_names() -> None:
-    assert parse_scheme("training_range_learning_with_tf_init") == (QuantScheme.TF, True)
-    assert parse_scheme("QuantScheme.training_range_learning_with_tf_enhanced_init") == (
-        QuantScheme.TF_ENHANCED,
-        True,
-    )
-    assert parse_scheme("post_training_tf") == (QuantScheme.TF, False)
-    with pytest.raises(ValueError, match="training_range_learning_with_tf_init"):
-        parse_scheme("range_learning")
+def test_reference_enum_members_build_learnable_sims() -> None:
+    model, x, _ = regression_data()
+    for scheme in (QuantScheme.training_range_learning_with_tf_init, "QuantScheme.training_range_learning"):
+        sim = make_sim(model, x, scheme)
+        assert sim.range_learning and list(encoding_parameters(sim.model))
+    assert not make_sim(model, x, QuantScheme.post_training_tf_enhanced).range_learning
 
 
 def test_float_precisions_stay_frozen_under_range_learning() -> None:
@@ -255,3 +253,14 @@ def test_inference_follows_in_place_changes_of_learned_encodings() -> None:
         q.offset.sub_(3)
         frozen.set_encoding(q.get_encoding())
         assert torch.equal(q(x), frozen(x))
+
+
+def test_symmetric_offsets_stay_fixed_even_when_marked_trainable() -> None:
+    model, x, target = mapping_data()
+    sim = make_sim(model, x, LEARN_TF)
+    sim.model.requires_grad_(True)  # also the offsets created with requires_grad=False
+    symmetric = [q for _, q in sim.quantizers() if q.symmetric]
+    assert symmetric
+    offsets = [q.offset.detach().clone() for q in symmetric]
+    train(sim, x, target, steps=3, lr=1e-2)
+    assert all(torch.equal(q.offset, o) for q, o in zip(symmetric, offsets, strict=True))

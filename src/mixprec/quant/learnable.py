@@ -1,5 +1,5 @@
 """Learnable integer encodings: the ``training_range_learning_with_tf_init`` /
-``training_range_learning_with_tf_enhanced_init`` schemes (see docs/qat.md).
+``training_range_learning_with_tf_enhanced_init`` schemes (``QuantScheme.learnable``; see docs/qat.md).
 
 ``compute_encodings`` initializes scale and offset as the ``tf`` / ``tf_enhanced`` scheme would;
 they are ``nn.Parameter`` s of the quantizer, so ``sim.model.parameters()`` hands them to an
@@ -32,7 +32,6 @@ exported offset is always the integer the forward used. Symmetric grids keep the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,40 +39,10 @@ from torch import nn
 from mixprec.core.granularity import Granularity, PerBlock, PerTensor
 from mixprec.errors import EncodingNotComputedError
 from mixprec.quant import qmath as qm
-from mixprec.quant.observers import QuantScheme
 from mixprec.quant.quantizers import Encoding, IntQuantizer, QuantizerBase, _check_channels
-
-RANGE_LEARNING_SCHEMES: dict[str, QuantScheme] = {
-    "training_range_learning_with_tf_init": QuantScheme.TF,
-    "training_range_learning_with_tf_enhanced_init": QuantScheme.TF_ENHANCED,
-}
-"""The learnable schemes by name, and the scheme ``compute_encodings`` initializes them with."""
 
 MIN_SCALE = 1e-12
 """Floor of a learned scale: a step that trains to zero or below would divide by zero."""
-
-
-def parse_scheme(value: Any) -> tuple[QuantScheme, bool]:
-    """``(scheme compute_encodings uses, whether encodings are learnable)`` of a ``quant_scheme``.
-
-    Accepts what :meth:`QuantScheme.parse` accepts, plus the range learning names (any case,
-    with or without a ``QuantScheme.`` prefix), as strings or as members whose name is one.
-
-    Raises:
-        ValueError: the message lists every accepted value.
-    """
-    name = getattr(value, "name", value)  # an enum member with the reference's name
-    if isinstance(name, str):
-        key = name.strip().lower().removeprefix("quantscheme.")
-        if key in RANGE_LEARNING_SCHEMES:
-            return RANGE_LEARNING_SCHEMES[key], True
-    try:
-        scheme = QuantScheme.parse(value)
-    except ValueError as exc:
-        raise ValueError(f"{exc}, {', '.join(RANGE_LEARNING_SCHEMES)}") from None
-    if getattr(scheme, "learnable", False):  # an enum that carries range learning itself
-        return scheme.calibration_scheme, True  # type: ignore[attr-defined]
-    return scheme, False
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:
@@ -115,7 +84,9 @@ class LearnableIntQuantizer(IntQuantizer):
         )
 
     def _offset_code(self) -> torch.Tensor:
-        return _round_ste(self.offset).clamp(-(2**self.bitwidth - 1), 0)
+        # a symmetric grid's offset is fixed even if someone sets requires_grad on every parameter
+        offset = self.offset.detach() if self._symmetric else self.offset
+        return _round_ste(offset).clamp(-(2**self.bitwidth - 1), 0)
 
     def get_encoding(self) -> Encoding:
         if not self._ready:
