@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec import IntQuantizer, PerBlock, PerChannel, QuantizationSimModel
+from mixprec import IntQuantizer, PerBlock, PerChannel, QuantizationSimModel, load_checkpoint, save_checkpoint
 from mixprec.quant.learnable import LearnableIntQuantizer, encoding_parameters
 from mixprec.quant.observers import QuantScheme
 
@@ -264,3 +264,30 @@ def test_symmetric_offsets_stay_fixed_even_when_marked_trainable() -> None:
     offsets = [q.offset.detach().clone() for q in symmetric]
     train(sim, x, target, steps=3, lr=1e-2)
     assert all(torch.equal(q.offset, o) for q, o in zip(symmetric, offsets, strict=True))
+
+
+def test_range_learning_resumes_from_a_checkpoint(tmp_path: Path) -> None:
+    model, x, target = mapping_data()
+    sim = make_sim(model, x, QuantScheme.training_range_learning_with_tf_init)
+    train(sim, x, target, steps=3, lr=1e-2)
+    save_checkpoint(sim, tmp_path / "qat.pth")
+    loaded = load_checkpoint(tmp_path / "qat.pth")
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), sim.model(x))
+    assert loaded.range_learning and len(list(encoding_parameters(loaded.model))) == len(
+        list(encoding_parameters(sim.model))
+    )
+    start = encodings(loaded)
+    losses = train(loaded, x, target, steps=3, lr=1e-2)  # training goes on where it stopped
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(s, start[n][0]) for n, (s, _) in encodings(loaded).items())
+
+
+def test_load_encodings_requires_grad_freezes_and_thaws_learned_encodings(tmp_path: Path) -> None:
+    model, x, _ = regression_data()
+    sim = make_sim(model, x, LEARN_TF)
+    write_encodings(sim, tmp_path / "e.encodings")
+    sim.load_encodings(tmp_path / "e.encodings", requires_grad=False)
+    assert not any(p.requires_grad for p in encoding_parameters(sim.model))
+    sim.load_encodings(tmp_path / "e.encodings", requires_grad=True)
+    assert all(q.scale.requires_grad for _, q in sim.quantizers())
