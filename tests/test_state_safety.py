@@ -51,6 +51,22 @@ def test_apply_with_unwritable_log_file_changes_nothing(tmp_path: Path, bad: str
     assert report.changes and (tmp_path / "mmp_log.txt").read_text() == report.to_text()
 
 
+def test_apply_that_fails_midway_writes_no_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, example = build("small_cnn")
+    sim = calibrated(model, example)
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(sim.model.fc, activation="int16", param={"weight": "int16"})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sim, "set_precision_at", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        mp.apply(log_file=tmp_path / "mmp_log.txt")
+    assert list(tmp_path.iterdir()) == []  # neither the log nor its temporary file
+    assert len(mp.requests) == 1
+
+
 # -- load_encodings of another model's file ---------------------------------------------------------------
 
 

@@ -163,10 +163,14 @@ class MixedPrecisionConfigurator:
         """
         plan, report = self._plan(strict, applied=True)
         finish_log = _stage_log(log_file, report.to_text())
-        for change in plan.changes:
-            self.sim.set_precision_at(change.place, change.new, change.claim.granularity)
+        try:
+            for change in plan.changes:
+                self.sim.set_precision_at(change.place, change.new, change.claim.granularity)
+        except BaseException:
+            finish_log(False)  # no log of changes that did not all happen
+            raise
         self._requests.clear()
-        finish_log()
+        finish_log(True)
         return report
 
     def _plan(self, strict: bool, applied: bool) -> tuple[Plan, MixedPrecisionReport]:
@@ -197,13 +201,14 @@ class MixedPrecisionConfigurator:
         return plan, report
 
 
-def _stage_log(log_file: str | Path | IO[str] | None, text: str) -> Callable[[], None]:
+def _stage_log(log_file: str | Path | IO[str] | None, text: str) -> Callable[[bool], None]:
     """Write ``text`` where ``log_file`` says, in two steps: everything that can fail happens here,
-    before the sim changes (all or nothing); the returned function puts the file into place."""
+    before the sim changes (all or nothing); the returned function puts the file into place
+    (``True``) or discards it (``False``)."""
     if log_file is None:
-        return lambda: None
+        return lambda applied: None
     if hasattr(log_file, "write"):
-        return lambda: log_file.write(text)  # type: ignore[union-attr]
+        return lambda applied: log_file.write(text) if applied else None  # type: ignore[union-attr]
     path = Path(log_file)
     problem = f"{path} is a directory" if path.is_dir() else None
     tmp = None
@@ -224,7 +229,10 @@ def _stage_log(log_file: str | Path | IO[str] | None, text: str) -> Callable[[],
             "path in a writable folder, an open text stream, or None (report.to_text() has the text)"
         )
 
-    def finish() -> None:
+    def finish(applied: bool) -> None:
+        if not applied:
+            Path(tmp).unlink(missing_ok=True)  # type: ignore[arg-type]
+            return
         try:
             os.replace(tmp, path)  # type: ignore[arg-type]
         except OSError as exc:  # the sim has changed already: say so, do not undo it
