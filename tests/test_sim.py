@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mixprec
-from mixprec import CaptureError, EncodingNotComputedError, QuantizationSimModel
+from mixprec import EncodingNotComputedError, QuantizationSimModel
 
 from .helpers import calibrate, sqnr_db
 from .models import build, tiny_gpt2, tiny_llama
