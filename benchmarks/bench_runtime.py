@@ -138,10 +138,16 @@ def main() -> None:
     reps = 3 if args.quick else 7
     rows = []
     if "gpt2" in sections:
-        rows.append(forward_row("GPT-2 124M config 4x128 (sdpa)", *lm("gpt2", "sdpa", 4, 128, args.quick), reps))
+        rows.append(
+            forward_row("GPT-2 124M config 4x128 (sdpa)", *lm("gpt2", "sdpa", 4, 128, args.quick), reps)
+        )
     if "llama" in sections:
         for attention in ("sdpa", "eager"):
-            rows.append(forward_row(f"tiny Llama 2x16 ({attention})", *lm("llama", attention, 2, 16, args.quick), reps * 3))
+            rows.append(
+                forward_row(
+                    f"tiny Llama 2x16 ({attention})", *lm("llama", attention, 2, 16, args.quick), reps * 3
+                )
+            )
     for name in ("resnet50", "mobilenet_v2"):
         if name in sections:
             rows.append(forward_row(f"{name} b8 224", *vision(name, 8), reps))
@@ -161,7 +167,9 @@ def main() -> None:
     }
     for row in rows:
         if "ratio" in row:
-            print(f"{row['case']:<70} float {row['float_s'] * 1e3:9.1f} ms  sim {row['sim_s'] * 1e3:9.1f} ms  x{row['ratio']:.2f}")
+            print(
+                f"{row['case']:<70} float {row['float_s'] * 1e3:9.1f} ms  sim {row['sim_s'] * 1e3:9.1f} ms  x{row['ratio']:.2f}"
+            )
         else:
             print(f"{row['case']:<70} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "case"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
