@@ -59,6 +59,7 @@ class Metric:
     higher_is_better: bool
     stats: Callable[[Any, Any], torch.Tensor]  # (output, float output) -> 1-D float64 tensor
     value: Callable[[torch.Tensor], float]  # summed stats -> metric
+    width: int = 2  # length of the stats tensor
 
     def badness(self, delta: float) -> float:
         """How much worse a delta is (positive = worse than the baseline)."""

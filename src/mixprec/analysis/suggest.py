@@ -76,7 +76,7 @@ def suggest(
         k = max(0, min(n, max_kept if max_kept is not None else (n - num_changed if demote else num_changed)))
         value = score(k)
     else:
-        best = n if demote else n  # every candidate at the higher precision
+        best = n  # every candidate at the higher precision
         best_value = report.baseline if demote else score(n)
         if not meets(best_value):
             raise RequestError(
@@ -206,4 +206,6 @@ def _evaluate(report: SensitivityReport, profile: Profile) -> float:
         revert(sim, changes, encodings)
         if calibrate:
             session.restore_user_encodings()
+    if total is None:  # a rank without batches still takes part in the sum
+        total = torch.zeros(session.metric.width, dtype=torch.float64)
     return session.metric.value(all_reduce_sum(total))
