@@ -49,7 +49,9 @@ def mixprec_side(settings: dict, fast: bool) -> dict:
     build_s = time.perf_counter() - start
     probe = speed_probe()
     wall, cpu = time.perf_counter(), time.process_time()
-    rep = mixprec.analyze_sensitivity(sim, [data], targets=nn.Conv2d, param={"weight": f"int{settings['param_bw']}"}, fast=fast)
+    rep = mixprec.analyze_sensitivity(
+        sim, [data], targets=nn.Conv2d, param={"weight": f"int{settings['param_bw']}"}, fast=fast
+    )
     return {
         "fast": fast,
         "speed_probe_ms": probe,
@@ -91,7 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet18 at 64x64")
     parser.add_argument("--full-forward", action="store_true", help="also time mixprec with fast=False")
-    parser.add_argument("--aimet-limit", type=float, default=1500.0, help="seconds before the reference is stopped")
+    parser.add_argument(
+        "--aimet-limit", type=float, default=1500.0, help="seconds before the reference is stopped"
+    )
     # one thread: on a shared 2-core machine a second thread waits for a free core on every op
     # (see _timing.speed_probe), which inflates wall time several times on both sides
     parser.add_argument("--threads", type=int, default=1)
@@ -137,12 +141,20 @@ def render(result: dict) -> str:
         done = a.get("layers") or len(a.get("evaluations") or [])
         wall = a.get("estimated_wall_s", a["per_layer_wall_s"])
         name = "aimet per-layer (enabling)" + (" est." if "estimated_wall_s" in a else "")
-        row(name, a.get("wrappers") if "estimated_wall_s" in a else done, wall, a.get("per_layer_cpu_s"), a["speed_probe_ms"].get("start"))
-        lines.append(f"reference / mixprec wall: {wall / m['wall_s']:.1f}x; per evaluation: "
-                     f"{(a['per_layer_wall_s'] / max(len(a.get('evaluations') or [1]), 1)) / (m['wall_s'] / m['candidates']):.1f}x")
+        row(
+            name,
+            a.get("wrappers") if "estimated_wall_s" in a else done,
+            wall,
+            a.get("per_layer_cpu_s"),
+            a["speed_probe_ms"].get("start"),
+        )
+        lines.append(
+            f"reference / mixprec wall: {wall / m['wall_s']:.1f}x; per evaluation: "
+            f"{(a['per_layer_wall_s'] / max(len(a.get('evaluations') or [1]), 1)) / (m['wall_s'] / m['candidates']):.1f}x"
+        )
     else:
         lines.append(f"reference: {a.get('status')} {a.get('reason') or a.get('error') or ''}")
-    lines.append(f"mixprec passes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
+    lines.append("mixprec passes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
     lines.append(f"mixprec counts: {m['counts']}")
     return "\n".join(lines)
 

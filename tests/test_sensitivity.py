@@ -39,7 +39,10 @@ def _state(sim: mixprec.QuantizationSimModel) -> list[tuple]:
 
 def _same_state(a: list[tuple], b: list[tuple]) -> bool:
     return all(
-        x[0] == y[0] and x[1] == y[1] and (x[2] is None) == (y[2] is None) and (x[2] is None or torch.equal(x[2], y[2]))
+        x[0] == y[0]
+        and x[1] == y[1]
+        and (x[2] is None) == (y[2] is None)
+        and (x[2] is None or torch.equal(x[2], y[2]))
         for x, y in zip(a, b, strict=True)
     )
 
@@ -60,7 +63,9 @@ def test_an_outlier_weight_ranks_first_at_int4(planted) -> None:
 @pytest.mark.parametrize("scheme", ["tf", "tf_enhanced"])
 def test_a_layer_whose_output_spans_1e4_ranks_first_at_int8(scheme) -> None:
     # per-channel weights: the planted stem's weights are fine, only its output's range is wide
-    sim, batches = _sim("wide_activation", default_output_bw=16, quant_scheme=scheme, config_file="per_channel")
+    sim, batches = _sim(
+        "wide_activation", default_output_bw=16, quant_scheme=scheme, config_file="per_channel"
+    )
     rep = mixprec.analyze_sensitivity(sim, batches, targets=nn.Conv2d, activation="int8")
     assert rep.rows[0].layer == "stem"
     assert rep.rows[0].delta < -10.0 and all(abs(r.delta) < 1.0 for r in rep.rows[1:])
@@ -110,9 +115,13 @@ def test_baseline_is_the_sim_calibrated_on_the_same_batches() -> None:
 def test_keep_encodings_needs_a_calibrated_sim() -> None:
     sim, batches = _sim("small_cnn")
     with pytest.raises(mixprec.EncodingNotComputedError, match="calibrate=False"):
-        mixprec.analyze_sensitivity(sim, batches, targets=nn.Conv2d, param={"weight": "int4"}, calibrate=False)
+        mixprec.analyze_sensitivity(
+            sim, batches, targets=nn.Conv2d, param={"weight": "int4"}, calibrate=False
+        )
     sim.compute_encodings(lambda m, _: m(batches[0]), None)
-    rep = mixprec.analyze_sensitivity(sim, batches, targets=nn.Conv2d, param={"weight": "int4"}, calibrate=False)
+    rep = mixprec.analyze_sensitivity(
+        sim, batches, targets=nn.Conv2d, param={"weight": "int4"}, calibrate=False
+    )
     assert len(rep.rows) == 3
 
 
@@ -170,3 +179,24 @@ def test_bad_arguments_raise_request_errors_and_change_nothing(kwargs, message) 
     with pytest.raises(RequestError, match=message):
         mixprec.analyze_sensitivity(sim, batches, **kwargs)
     assert _same_state(before, _state(sim))
+
+
+def test_a_new_quantizer_where_the_baseline_has_none_is_calibrated_on_the_same_batches(monkeypatch) -> None:
+    from mixprec.analysis.session import Session
+
+    sim, batches = _sim("small_cnn")
+    stem_output = next(
+        p for p in sim.places() if p.kind.value == "output" and sim.describe(p) == "stem output 0"
+    )
+    sim.set_precision_at(stem_output, None)  # block1.0 reads a float tensor in the baseline
+    observed = []
+    original = Session._observe_new
+    monkeypatch.setattr(
+        Session, "_observe_new", lambda self, missing: (observed.append(missing), original(self, missing))
+    )
+    fast = mixprec.analyze_sensitivity(sim, batches, targets=nn.Conv2d, activation="int4")
+    full = mixprec.analyze_sensitivity(sim, batches, targets=nn.Conv2d, activation="int4", fast=False)
+    assert observed and _rows(fast) == _rows(full)
+    row = next(r for r in fast.rows if r.layer == "block1.0")
+    assert math.isfinite(row.metric) and row.delta < 0
+    assert sim.quantizer_at(stem_output) is None  # and it is gone again

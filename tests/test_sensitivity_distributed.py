@@ -28,8 +28,9 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _sweep(batches: list[torch.Tensor]) -> dict[str, Any]:
-    import mixprec
     from torch import nn
+
+    import mixprec
 
     try:
         from .models import build, plant_outlier_weight
@@ -69,7 +70,10 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, str(r), str(tmp / "store"), str(tmp)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for r in range(WORLD)
     ]

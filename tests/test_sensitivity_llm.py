@@ -41,7 +41,9 @@ def test_per_decoder_layer_the_planted_layer_ranks_first() -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     sim, batches = _setup()
-    rep = mixprec.analyze_sensitivity(sim, batches, targets=LlamaDecoderLayer, param=BLOCKWISE, layers=nn.Linear)
+    rep = mixprec.analyze_sensitivity(
+        sim, batches, targets=LlamaDecoderLayer, param=BLOCKWISE, layers=nn.Linear
+    )
     assert [r.layer for r in rep.rows][0] == "model.layers.1"
     assert len(rep.rows) == 3 and rep.rows[0].delta < rep.rows[1].delta - 3.0
     assert rep.rows[0].quantizers_changed == 7  # q, k, v, o, gate, up, down

@@ -37,7 +37,9 @@ def _setup(param_bw: int = 8) -> tuple[nn.Module, mixprec.QuantizationSimModel, 
     return model, sim, batches
 
 
-def _applied_sqnr(model: nn.Module, profile: mixprec.Profile, batches: list[torch.Tensor], param_bw: int = 8) -> float:
+def _applied_sqnr(
+    model: nn.Module, profile: mixprec.Profile, batches: list[torch.Tensor], param_bw: int = 8
+) -> float:
     """Apply ``profile`` as a user would (fresh sim, apply_profile, apply, compute_encodings) and measure."""
     sim = mixprec.QuantizationSimModel(model, dummy_input=batches[0], default_param_bw=param_bw)
     mp = mixprec.MixedPrecisionConfigurator(sim)
@@ -128,7 +130,11 @@ def test_min_sqnr_needs_the_sqnr_metric() -> None:
     model, example = build("small_cnn")
     sim = mixprec.QuantizationSimModel(model, dummy_input=example)
     rep = mixprec.analyze_sensitivity(
-        sim, [example], targets=nn.Conv2d, param={"weight": "int4"}, metric=lambda o, r: float((o - r).abs().max())
+        sim,
+        [example],
+        targets=nn.Conv2d,
+        param={"weight": "int4"},
+        metric=lambda o, r: float((o - r).abs().max()),
     )
     with pytest.raises(RequestError, match="use target="):
         rep.suggest(min_sqnr_db=10.0)

@@ -33,7 +33,12 @@ def test_an_outlier_weight_ranks_first_in_resnet18() -> None:
 def test_the_readers_of_a_tensor_spanning_1e4_rank_first_in_resnet18() -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
-    readers = (model.layer1[0].conv1, model.layer1[1].conv1, model.layer2[0].conv1, model.layer2[0].downsample[0])
+    readers = (
+        model.layer1[0].conv1,
+        model.layer1[1].conv1,
+        model.layer2[0].conv1,
+        model.layer2[0].downsample[0],
+    )
     with torch.no_grad():
         # the stem's channel 0 grows 1e4 times and rides the residual stream through layer1; the convs
         # reading it scale it back, so the float function stays an ordinary net's
@@ -41,7 +46,9 @@ def test_the_readers_of_a_tensor_spanning_1e4_rank_first_in_resnet18() -> None:
         model.bn1.bias[0] = model.bn1.bias[0].abs() * 1e4
         for conv in readers:
             conv.weight[:, 0] *= 1e-4
-    sim = mixprec.QuantizationSimModel(model, dummy_input=_images()[0], default_output_bw=16, config_file="per_channel")
+    sim = mixprec.QuantizationSimModel(
+        model, dummy_input=_images()[0], default_output_bw=16, config_file="per_channel"
+    )
     rep = mixprec.analyze_sensitivity(sim, _images(), targets=nn.Conv2d, activation="int8")
     names = {n for n, m in model.named_modules() if any(m is r for r in readers)}
     assert {r.layer for r in rep.rows[:4]} == names

@@ -33,7 +33,9 @@ def parse_target(text: str) -> Any:
         try:
             return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"--targets {text!r}: cannot import {attr!r} from {module_name!r}: {exc}") from exc
+            raise ValueError(
+                f"--targets {text!r}: cannot import {attr!r} from {module_name!r}: {exc}"
+            ) from exc
     return text  # a layer or module name
 
 
@@ -61,11 +63,16 @@ def register(app: typer.Typer) -> None:
         ] = None,
         activation: Annotated[str | None, typer.Option(help="Activation precision to try.")] = None,
         block_size: Annotated[int | None, typer.Option(help="Try the params per block of this size.")] = None,
-        config: Annotated[str | None, typer.Option("--config", "-c", help="Sim config preset or JSON.")] = None,
-        batches: Annotated[int, typer.Option("--batches", min=1, help="Random batches shaped like the input.")] = 4,
+        config: Annotated[
+            str | None, typer.Option("--config", "-c", help="Sim config preset or JSON.")
+        ] = None,
+        batches: Annotated[
+            int, typer.Option("--batches", min=1, help="Random batches shaped like the input.")
+        ] = 4,
         top: Annotated[int, typer.Option(help="Rows shown in the terminal.")] = 20,
         suggest_sqnr: Annotated[
-            float | None, typer.Option(help="Also write suggested_profile.yaml meeting this output SQNR (dB).")
+            float | None,
+            typer.Option(help="Also write suggested_profile.yaml meeting this output SQNR (dB)."),
         ] = None,
     ) -> None:
         """Try a precision on each target layer alone; rank the layers by the drop in output SQNR."""
@@ -94,12 +101,16 @@ def register(app: typer.Typer) -> None:
                 sim, [_as_batch(b) for b in data], parsed_targets, param=params or None,
                 activation=activation, progress=advance,
             )  # fmt: skip
-        table = Table(title=f"{loaded.name}: {len(rep.rows)} candidates at {rep.tried}; baseline {rep.baseline:.2f} dB")
+        table = Table(
+            title=f"{loaded.name}: {len(rep.rows)} candidates at {rep.tried}; baseline {rep.baseline:.2f} dB"
+        )
         for column in ("#", "Layer", "Type", "SQNR dB", "Δ dB", "Local dB", "Params"):
             table.add_column(column, justify="left" if column in ("Layer", "Type") else "right")
         for i, r in enumerate(rep.rows[:top], 1):
             local = "-" if r.local_sqnr_db is None else f"{r.local_sqnr_db:.2f}"
-            table.add_row(str(i), r.layer, r.type, f"{r.metric:.2f}", f"{r.delta:+.2f}", local, f"{r.params:,}")
+            table.add_row(
+                str(i), r.layer, r.type, f"{r.metric:.2f}", f"{r.delta:+.2f}", local, f"{r.params:,}"
+            )
         cli.out_console.print(table)
         out.mkdir(parents=True, exist_ok=True)
         files = [out / "sensitivity.json", out / "sensitivity.html"]

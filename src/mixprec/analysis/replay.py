@@ -228,7 +228,9 @@ class _Replayer(TorchFunctionMode):
                 for t in _tensor_leaves(args, kwargs):
                     ref = self.placeholders.get(id(t))
                     if ref is not None and ref() is t:
-                        raise Diverged(f"call {index} ({_name(func)}) reads a value the replay did not compute")
+                        raise Diverged(
+                            f"call {index} ({_name(func)}) reads a value the replay did not compute"
+                        )
             return func(*args, **(kwargs or {}))
         if index >= len(self.steps) or not _same(self.steps[index].func, func):
             expected = _name(self.steps[index].func) if index < len(self.steps) else "the end"

@@ -158,7 +158,7 @@ class Session:
         sim = self.sim
         entries = list(sim.quantizers())
         new = {id(q) for _, q in missing}
-        for place, q in entries:
+        for _, q in entries:
             q.begin_calibration(sim.quant_scheme, collect=id(q) in new)
         try:
             with torch.no_grad():

@@ -56,12 +56,18 @@ def suggest(
         raise RequestError("suggest needs the report analyze_sensitivity returned (it re-runs the model)")
     if min_sqnr_db is not None:
         if metric.unit != "dB":
-            raise RequestError(f"min_sqnr_db needs the default SQNR metric; this report uses {metric.name}; use target=")
+            raise RequestError(
+                f"min_sqnr_db needs the default SQNR metric; this report uses {metric.name}; use target="
+            )
         target = min_sqnr_db
     n = len(report.rows)
     demote = _lower_is_tried(report._candidates, report.rows)
     # order[:k] are the candidates at the higher precision
-    order = list(range(n)) if demote else sorted(range(n), key=lambda i: report.rows[i].delta, reverse=metric.higher_is_better)
+    order = (
+        list(range(n))
+        if demote
+        else sorted(range(n), key=lambda i: report.rows[i].delta, reverse=metric.higher_is_better)
+    )
 
     def profile_for(k: int) -> Profile:
         return _profile(report, order, k, demote)

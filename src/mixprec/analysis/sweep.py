@@ -72,7 +72,9 @@ def analyze_sensitivity(
     if not isinstance(sim, QuantizationSimModel):
         raise TypeError(f"analyze_sensitivity needs a mixprec.QuantizationSimModel, got {type(sim).__name__}")
     if param is None and activation is None:
-        raise RequestError("analyze_sensitivity needs a precision to try: param={'weight': 'int4'} and/or activation")
+        raise RequestError(
+            "analyze_sensitivity needs a precision to try: param={'weight': 'int4'} and/or activation"
+        )
     batches = list(batches)
     metric_ = make_metric(metric, higher_is_better)
     tried = describe_tried(activation, param)
@@ -193,7 +195,9 @@ class _Sweep:
         name = min(names, key=lambda n: tape.cut_at[n])
         return name, tape.cut_at[name]
 
-    def _candidate(self, c: Candidate, cut: tuple[str, int] | None, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidate(
+        self, c: Candidate, cut: tuple[str, int] | None, verify: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s
         saved = s.apply(c.changes)
         local = _LocalError(s, c)
@@ -301,4 +305,4 @@ def _first_item(batch: Any) -> Any:
 
 def _equal(a: Any, b: Any) -> bool:
     left, right = list(float_leaves(a)), list(float_leaves(b))
-    return len(left) == len(right) and all(torch.equal(x, y) for x, y in zip(left, right))
+    return len(left) == len(right) and all(torch.equal(x, y) for x, y in zip(left, right, strict=True))

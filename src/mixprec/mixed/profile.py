@@ -175,7 +175,6 @@ class Profile:
         path.write_text(text)
         return path
 
-
     def _yaml_text(self) -> str:
         """YAML, with each entry's comment (if any) as a ``#`` line above it."""
         yaml, data = yaml_module(), self.to_dict()
