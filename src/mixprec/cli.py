@@ -282,7 +282,8 @@ def apply(
     _summary(loaded.name, sim, report, files)
 
 
-register_sensitivity(app)  # `mixprec sensitivity`, in its own module
+# `mixprec sensitivity`, in its own module; it gets MODEL loading from here (it cannot import cli)
+register_sensitivity(app, load_model, _sim, _random_like, out_console, err_console)
 
 
 def _fmt(values: list[str | None]) -> str:

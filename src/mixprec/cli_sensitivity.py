@@ -1,11 +1,13 @@
 """``mixprec sensitivity MODEL``: rank layers by how much a precision hurts, write JSON and HTML.
 
-Registered on the ``mixprec`` app by :mod:`mixprec.cli`; MODEL is resolved as the other commands do.
+Registered on the ``mixprec`` app by :mod:`mixprec.cli`, which hands over how it resolves MODEL,
+builds the sim and makes random batches, so the command behaves as the others do.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,8 +52,15 @@ def parse_params(values: list[str], block_size: int | None) -> dict[str, Any]:
     return params
 
 
-def register(app: typer.Typer) -> None:
-    """Add the ``sensitivity`` command to ``app``."""
+def register(
+    app: typer.Typer,
+    load_model: Callable[[str], Any],
+    build_sim: Callable[[Any, str | None], Any],
+    random_like: Callable[[Any], Any],
+    out_console: Any,
+    err_console: Any,
+) -> None:
+    """Add the ``sensitivity`` command to ``app``, with the CLI's MODEL loading and consoles."""
 
     @app.command()
     def sensitivity(
@@ -79,17 +88,16 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from mixprec import cli
         from mixprec.analysis.sweep import analyze_sensitivity
 
         params = parse_params(param or [], block_size)
         parsed_targets = [parse_target(t) for t in targets]
-        loaded = cli.load_model(model)
-        sim = cli._sim(loaded, config)
-        data = [cli._random_like(loaded.dummy_input) for _ in range(batches)]
+        loaded = load_model(model)
+        sim = build_sim(loaded, config)
+        data = [random_like(loaded.dummy_input) for _ in range(batches)]
         bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=cli.err_console, transient=True,
+            console=err_console, transient=True,
         )  # fmt: skip
         with bar:
             task = bar.add_task("sensitivity", total=None)
@@ -111,7 +119,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(
                 str(i), r.layer, r.type, f"{r.metric:.2f}", f"{r.delta:+.2f}", local, f"{r.params:,}"
             )
-        cli.out_console.print(table)
+        out_console.print(table)
         out.mkdir(parents=True, exist_ok=True)
         files = [out / "sensitivity.json", out / "sensitivity.html"]
         rep.to_json(files[0])
@@ -119,7 +127,7 @@ def register(app: typer.Typer) -> None:
         if suggest_sqnr is not None:
             files.append(rep.suggest(min_sqnr_db=suggest_sqnr).save(out / "suggested_profile.yaml"))
         for path in files:
-            cli.out_console.print(f"wrote {path}", markup=False, highlight=False)
+            out_console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 def _as_batch(inputs: Any) -> Any:

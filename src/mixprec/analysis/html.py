@@ -5,10 +5,10 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from mixprec.analysis.report import SensitivityReport
+# The report passes itself in (it imports this module): ``report`` below is a SensitivityReport.
+SensitivityReport = Any
 
 _BAR_H, _GAP, _LABEL_W, _PLOT_W, _VALUE_W = 16, 4, 300, 520, 90
 _WORSE, _BETTER = "#d95f02", "#1b9e77"

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mixprec.analysis.candidates import Candidate
+from mixprec.analysis.html import write_html
 from mixprec.analysis.metrics import Metric, sqnr_db
+from mixprec.analysis.suggest import suggest
 
 if TYPE_CHECKING:
     from mixprec.analysis.session import Session
@@ -78,8 +80,6 @@ class SensitivityReport:
 
     def to_html(self, path: str | Path, title: str | None = None) -> Path:
         """One self-contained HTML page (no network): a sorted bar chart of deltas and the table."""
-        from mixprec.analysis.html import write_html
-
         return write_html(self, Path(path), title)
 
     def suggest(
@@ -96,8 +96,6 @@ class SensitivityReport:
         good), ``max_kept`` (a budget of layers left at the higher precision) or ``num_changed``
         (how many layers get the lower precision). See :func:`mixprec.analysis.suggest.suggest`.
         """
-        from mixprec.analysis.suggest import suggest
-
         return suggest(
             self, min_sqnr_db=min_sqnr_db, target=target, max_kept=max_kept, num_changed=num_changed
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -27,8 +27,8 @@ from mixprec.errors import RequestError
 from mixprec.mixed.configurator import MixedPrecisionConfigurator
 from mixprec.mixed.profile import Profile, SetPrecision
 
-if TYPE_CHECKING:
-    from mixprec.analysis.report import SensitivityReport
+# The report passes itself in (it imports this module): ``report`` below is a SensitivityReport.
+SensitivityReport = Any
 
 log = logging.getLogger(__name__)
 
