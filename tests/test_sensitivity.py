@@ -91,11 +91,14 @@ def test_a_forward_that_changes_between_calls_falls_back_to_full_forwards() -> N
     assert fast.counts["fallbacks"] > 0
 
 
-def test_the_sim_is_left_as_it_was() -> None:
+@pytest.mark.parametrize(
+    "tried", [{"param": {"weight": "int4"}}, {"activation": "int4"}], ids=["weight", "activation"]
+)
+def test_the_sim_is_left_as_it_was(tried) -> None:
     sim, batches = _sim("small_cnn")
     sim.compute_encodings(lambda m, _: m(batches[0]), None)  # calibrated on other data than the sweep's
     before = _state(sim)
-    rep = mixprec.analyze_sensitivity(sim, batches, targets=nn.Conv2d, param={"weight": "int4"})
+    rep = mixprec.analyze_sensitivity(sim, batches, targets=nn.Conv2d, **tried)
     assert _same_state(before, _state(sim))
     rep.suggest(num_changed=1)
     assert _same_state(before, _state(sim))

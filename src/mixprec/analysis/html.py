@@ -19,7 +19,7 @@ h1{font-size:20px;margin:0 0 4px} .sub{color:#555;margin:0 0 16px}
 svg text{font:12px system-ui,sans-serif;fill:#222} svg .axis{stroke:#999;stroke-width:1}
 table{border-collapse:collapse;margin-top:20px;font-size:13px}
 th,td{border-bottom:1px solid #e4e4e4;padding:4px 10px;text-align:right}
-th{background:#f5f5f5;position:sticky;top:0} td.l,th.l{text-align:left;font-family:ui-monospace,monospace}
+th{background:#f5f5f5;position:sticky;top:0} td.l,th.l{text-align:left;font-family:ui-monospace,monospace;white-space:nowrap}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:-2px}
 """
 

@@ -119,7 +119,11 @@ class Session:
             self.encode(place, q)
 
     def restore_user_encodings(self) -> None:
-        for _, q, encoding in self.user_encodings:
+        """The encodings the sim had before the sweep, by place (a reverted place has a new quantizer)."""
+        for place, _, encoding in self.user_encodings:
+            q = self.sim.quantizer_at(place)
+            if q is None:
+                continue
             if encoding is not None:
                 q.set_encoding(encoding)
             elif q.needs_encoding and q.is_initialized:
