@@ -56,5 +56,7 @@ report.to_html(out / "report.html")
 with torch.no_grad():
     ref, got = model(images[0]), sim.model(images[0])
 sqnr = 10 * math.log10(float(ref.double().square().sum() / (got - ref).double().square().sum()))
-int4 = sum(1 for row in sim.precision_table() if row["type"] == "Conv2d" and row["params"].get("weight") == "int4")
+int4 = sum(
+    1 for row in sim.precision_table() if row["type"] == "Conv2d" and row["params"].get("weight") == "int4"
+)
 print(f"applied: {int4} of 20 Conv2d at int4 weights; output SQNR {sqnr:.2f} dB")
