@@ -112,7 +112,7 @@ def test_baseline_is_the_sim_calibrated_on_the_same_batches() -> None:
     with torch.no_grad():
         signal = sum(float(model(b).double().square().sum()) for b in batches)
         noise = sum(float((sim.model(b) - model(b)).double().square().sum()) for b in batches)
-    assert rep.baseline == pytest.approx(10 * math.log10(signal / noise), abs=1e-9)
+    assert rep.baseline == pytest.approx(10 * math.log10(signal / noise), abs=1e-5)  # float32 squares
 
 
 def test_keep_encodings_needs_a_calibrated_sim() -> None:

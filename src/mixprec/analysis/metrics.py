@@ -30,9 +30,10 @@ def sqnr_stats(output: Any, reference: Any) -> torch.Tensor:
     signal = torch.zeros((), dtype=torch.float64)
     noise = torch.zeros((), dtype=torch.float64)
     for out, ref in zip(float_leaves(output), float_leaves(reference), strict=True):
-        ref64 = ref.detach().double()
-        signal += ref64.square().sum().cpu()
-        noise += (out.detach().double() - ref64).square().sum().cpu()
+        ref = ref.detach()
+        # sums accumulate in float64 without a float64 copy of each (large) activation
+        signal += ref.square().sum(dtype=torch.float64).cpu()
+        noise += (out.detach() - ref).square().sum(dtype=torch.float64).cpu()
     return torch.stack([signal, noise])
 
 
