@@ -203,3 +203,17 @@ def test_a_new_quantizer_where_the_baseline_has_none_is_calibrated_on_the_same_b
     row = next(r for r in fast.rows if r.layer == "block1.0")
     assert math.isfinite(row.metric) and row.delta < 0
     assert sim.quantizer_at(stem_output) is None  # and it is gone again
+
+
+def test_function_targets_give_one_candidate_per_call_site() -> None:
+    import torch.nn.functional as F
+
+    sim, batches = _sim("functional")
+    fast = mixprec.analyze_sensitivity(sim, batches, targets=[torch.matmul, F.softmax], activation="int4")
+    full = mixprec.analyze_sensitivity(
+        sim, batches, targets=[torch.matmul, F.softmax], activation="int4", fast=False
+    )
+    assert sorted(r.type for r in fast.rows) == ["matmul", "softmax"]
+    assert all(r.local_sqnr_db is None and r.macs is None for r in fast.rows)  # no module to hook
+    assert _rows(fast) == _rows(full)
+    assert fast.counts["full"] == 2 * len(batches)  # called from the root's own forward: nothing to reuse
