@@ -4,6 +4,7 @@ per-layer analysis, on the same model and images, side by side in one run.
     python benchmarks/bench_sensitivity.py                 # resnet50, 8 images at 224, all Conv2d at int4 weights
     python benchmarks/bench_sensitivity.py --quick         # resnet18, 8 images at 64
     python benchmarks/bench_sensitivity.py --full-forward  # also mixprec without prefix reuse (fast=False)
+    python benchmarks/bench_sensitivity.py --full-forward --no-aimet --out benchmarks/results/sensitivity_ablation.json
 
 The reference runs in its own venv (``$AIMET_PYTHON``, default ``../aimet-venv/bin/python``) as a
 subprocess, never imported here; it is skipped when that python is missing. Prints a table and
@@ -98,6 +99,10 @@ def main() -> None:
     )
     # one thread: on a shared 2-core machine a second thread waits for a free core on every op
     # (see _timing.speed_probe), which inflates wall time several times on both sides
+    parser.add_argument("--no-aimet", action="store_true", help="skip the reference")
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help="result JSON (default results/sensitivity.json)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     settings = {
@@ -113,10 +118,10 @@ def main() -> None:
     result["mixprec"] = mixprec_side(settings, fast=True)
     if args.full_forward:
         result["mixprec_full_forward"] = mixprec_side(settings, fast=False)
-    result["aimet"] = aimet_side(settings, args.aimet_limit)
+    result["aimet"] = {"status": "skipped"} if args.no_aimet else aimet_side(settings, args.aimet_limit)
     result["load_average_end"] = load_average()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(render(result))
 
 
