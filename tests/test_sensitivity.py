@@ -32,7 +32,7 @@ def _state(sim: mixprec.QuantizationSimModel) -> list[tuple]:
     out = []
     for place in sim.places():
         q = sim.quantizer_at(place)
-        enc = q.get_encoding() if q is not None and q.is_initialized else None
+        enc = q.get_encoding() if q is not None and q.is_initialized() else None
         out.append((place, q.precision if q else None, None if enc is None else enc.scale.clone()))
     return out
 

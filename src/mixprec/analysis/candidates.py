@@ -215,7 +215,7 @@ def _distinct(sim: QuantizationSimModel, changes: list[Change]) -> list[tuple[Pl
 
 
 def _encoding(q: QuantizerBase) -> Any:
-    return q.get_encoding() if q.needs_encoding and q.is_initialized else None
+    return q.get_encoding() if q.needs_encoding and q.is_initialized() else None
 
 
 def _describe_candidate(sim: QuantizationSimModel, c: Candidate, layers: Any) -> None:

@@ -20,6 +20,7 @@ full forward, so a replay is either exact or not used. See docs/sensitivity.md.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,18 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 SMALL = 256  # outputs up to this many elements are kept by value (masks, scalars, shapes as tensors)
+
+
+def unseen(hook: Callable) -> Callable:
+    """A module hook whose own torch calls no ``TorchFunctionMode`` sees: the sim's mode would take
+    a hook's ``sum`` for a layer of the model, and a recording for a call of the forward."""
+
+    @functools.wraps(hook)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return hook(*args, **kwargs)
+
+    return run
 
 
 class Diverged(BaseException):
@@ -104,6 +117,7 @@ class Tape:
         return output
 
     def _make_cut(self, name: str) -> Callable:
+        @unseen
         def hook(module: nn.Module, args: Any) -> None:
             if name in self.cut_at:
                 return

@@ -20,6 +20,7 @@ from torch import nn
 
 from mixprec.analysis.candidates import Candidate, Change, apply_changes, revert
 from mixprec.analysis.metrics import Metric, float_leaves
+from mixprec.analysis.replay import unseen
 from mixprec.errors import CalibrationError
 from mixprec.quant.quantizers import QuantizerBase
 from mixprec.quantsim import QuantizationSimModel
@@ -96,6 +97,7 @@ class Session:
                 continue
             self.module_outputs[c.name] = []
 
+            @unseen
             def keep(module: nn.Module, args: Any, output: Any, name: str = c.name) -> None:
                 self.module_outputs[name][-1].append([t.detach() for t in float_leaves(output)])
 
@@ -104,6 +106,7 @@ class Session:
                 weight = getattr(sub, "weight", None)
                 if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and weight is not None:
 
+                    @unseen
                     def count(module: nn.Module, args: Any, output: Any, name: str = c.name) -> None:
                         if len(self.float_outputs) == 0 and isinstance(output, torch.Tensor) and output.dim():
                             per_item = output.numel() // output.shape[0]
@@ -114,9 +117,11 @@ class Session:
 
     # encodings --------------------------------------------------------------------------
     def set_baseline_encodings(self) -> None:
-        """Every quantizer's encoding from the observed statistics, as compute_encodings would set it."""
+        """Every quantizer's encoding from the observed statistics, as compute_encodings would set it
+        (an encoding frozen with ``allow_overwrite(False)`` stays as it is, as there)."""
         for place, q in self.sim.quantizers():
-            self.encode(place, q)
+            if q.is_overwrite_allowed():
+                self.encode(place, q)
 
     def restore_user_encodings(self) -> None:
         """The encodings the sim had before the sweep, by place (a reverted place has a new quantizer)."""
@@ -126,7 +131,7 @@ class Session:
                 continue
             if encoding is not None:
                 q.set_encoding(encoding)
-            elif q.needs_encoding and q.is_initialized:
+            elif q.needs_encoding and q.is_initialized():
                 q.reset_encoding()
 
     def encode(self, place: Place, q: QuantizerBase) -> bool:
@@ -182,7 +187,7 @@ class Session:
 
 
 def _encoding(q: QuantizerBase) -> Any:
-    return q.get_encoding() if q.needs_encoding and q.is_initialized else None
+    return q.get_encoding() if q.needs_encoding and q.is_initialized() else None
 
 
 def _encoding_at(sim: QuantizationSimModel, place: Place) -> Any:

@@ -12,7 +12,7 @@ from torch import nn
 
 from mixprec.analysis.candidates import Candidate, expand_targets, plan_changes
 from mixprec.analysis.metrics import float_leaves, make_metric, sqnr_stats
-from mixprec.analysis.replay import Diverged, Tape
+from mixprec.analysis.replay import Diverged, Tape, unseen
 from mixprec.analysis.report import SensitivityReport, build_report
 from mixprec.analysis.session import Session, all_reduce_sum, run_batch
 from mixprec.core.param_spec import ParamSpec
@@ -123,7 +123,7 @@ def describe_tried(activation: Any, param: dict[str, Any] | None) -> str:
 
 def _check_encodings(sim: QuantizationSimModel) -> None:
     for _, q in sim.quantizers():
-        if q.needs_encoding and not q.is_initialized:
+        if q.needs_encoding and not q.is_initialized():
             raise EncodingNotComputedError(
                 f"calibrate=False keeps the sim's encodings, but {q.label!r} has none; call "
                 "sim.compute_encodings first or pass calibrate=True"
@@ -255,7 +255,7 @@ class _LocalError:
         self.batch = 0
         self.handle = None
         if c.module is not None and self.refs is not None:
-            self.handle = c.module.register_forward_hook(self._hook)
+            self.handle = c.module.register_forward_hook(unseen(self._hook))
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         refs = self.refs[self.batch]
