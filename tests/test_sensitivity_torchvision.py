@@ -51,5 +51,10 @@ def test_the_readers_of_a_tensor_spanning_1e4_rank_first_in_resnet18() -> None:
     )
     rep = mixprec.analyze_sensitivity(sim, _images(), targets=nn.Conv2d, activation="int8")
     names = {n for n, m in model.named_modules() if any(m is r for r in readers)}
-    assert {r.layer for r in rep.rows[:4]} == names
-    assert max(r.delta for r in rep.rows[:4]) < min(r.delta for r in rep.rows[4:]) - 10.0
+    fragile = {r.layer for r in rep.rows if r.delta < -10.0}
+    # the readers, and the stem conv1 where the request also sets the precision of its own (wide) output
+    assert names <= fragile <= names | {"conv1"}
+    assert [r.layer for r in rep.rows[: len(fragile)]] == sorted(
+        fragile
+    )  # ranked first (equal deltas: by name)
+    assert all(r.delta > -1.0 for r in rep.rows[len(fragile) :])
