@@ -389,3 +389,75 @@ class KeywordOnly(nn.Module):
     @staticmethod
     def example_input() -> dict:
         return {"x": torch.randn(2, 4), "y": torch.randn(2, 4), "scale": 2.0}
+
+
+# ----------------------------------------------------------------------------- planted fragile layers
+# Sensitivity tests (tests/test_sensitivity.py) need models where the answer is known.
+
+
+def plant_outlier_weight(module: nn.Module, factor: float = 60.0) -> None:
+    """One weight ``factor`` times the largest: a per-tensor int4 grid keeps it and rounds the rest to 0."""
+    with torch.no_grad():
+        w = module.weight
+        w.view(-1)[0] = factor * w.abs().max()
+
+
+class WideActivation(nn.Module):
+    """stem -> (x rescale) -> conv_a -> conv_b -> conv_c -> head, where the stem's output spans ~1e4.
+
+    The stem's channel 0 is scaled up 1e4 times and scaled back down right after (a constant
+    buffer), so the float function is that of an ordinary net, but the stem's output tensor spans
+    1e4: an 8-bit per-tensor grid over it rounds every other channel to 0 (16 bits keep them).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_c = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+        rescale = torch.ones(1, 8, 1, 1)
+        rescale[0, 0] = 1e-4
+        self.register_buffer("rescale", rescale)
+        with torch.no_grad():
+            self.stem.weight[0] *= 1e4
+            self.stem.bias[0] *= 1e4
+            for layer in (self.conv_a, self.conv_b, self.conv_c, self.head):
+                layer.bias.zero_()  # the output follows the activations, not the biases
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_a(self.stem(x) * self.rescale)
+        x = self.conv_c(torch.relu(self.conv_b(torch.relu(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 3, 8, 8)
+
+
+class StatefulBranch(nn.Module):
+    """A forward whose torch calls depend on Python state that changes every call, so a recorded
+    forward does not match the next one: sweeps must notice and run such forwards in full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        x = self.a(x)
+        if self.calls % 2:
+            x.size()  # one more torch call on odd forwards only
+        return self.head(torch.relu(self.b(x)))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6)
+
+
+TINY_MODELS["wide_activation"] = WideActivation
+TINY_MODELS["stateful_branch"] = StatefulBranch

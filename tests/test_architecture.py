@@ -29,7 +29,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report",),  # the report of a plan, text and HTML
     ("quantsim",),  # QuantizationSimModel: the composition root of the engine
     ("mixed", "checkpoint"),  # MixedPrecisionConfigurator and profiles; save/load_checkpoint
-    ("cli", "demo", "__init__", "__main__"),  # entry points and the public API
+    ("analysis",),  # sensitivity analysis on the sim, with profiles to start from
+    ("cli", "cli_sensitivity", "demo", "__init__", "__main__"),  # entry points and the public API
 )
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

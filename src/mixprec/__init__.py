@@ -4,6 +4,9 @@ No model preparation: functional calls (``x + y``, ``torch.matmul``, ``F.softmax
 layers of the captured graph and are quantized as they are.
 """
 
+from mixprec.analysis.metrics import Metric
+from mixprec.analysis.report import SensitivityReport, SensitivityRow
+from mixprec.analysis.sweep import analyze_sensitivity
 from mixprec.checkpoint import load_checkpoint, save_checkpoint
 from mixprec.config.paths import get_path_for_per_channel_config
 from mixprec.config.rules import KernelSpec, SimConfig, load_config
@@ -66,6 +69,11 @@ __all__ = [
     "MixedPrecisionReport",
     "Profile",
     "load_profile",
+    # sensitivity analysis
+    "analyze_sensitivity",
+    "SensitivityReport",
+    "SensitivityRow",
+    "Metric",
     # errors
     "MixprecError",
     "ConfigError",

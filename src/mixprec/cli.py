@@ -1,4 +1,4 @@
-"""The ``mixprec`` command line: ``demo``, ``inspect`` and ``apply`` (needs ``pip install 'mixprec[cli]'``).
+"""The ``mixprec`` command line: ``demo``, ``inspect``, ``apply``, ``sensitivity`` (needs ``pip install 'mixprec[cli]'``).
 
 Every command builds a sim of a MODEL, which is ``torchvision:<name>`` (random weights, input
 1x3x224x224), ``<module>:<factory>`` (a callable returning ``(model, dummy_input)``), or ``demo``.
@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from mixprec.capture.recorder import split_dummy_input
+from mixprec.cli_sensitivity import register as register_sensitivity
 from mixprec.errors import MixprecError
 from mixprec.mixed.configurator import MixedPrecisionConfigurator
 from mixprec.mixed.profile import Profile, load_profile
@@ -279,6 +280,10 @@ def apply(
                 soft_wrap=True,
             )
     _summary(loaded.name, sim, report, files)
+
+
+# `mixprec sensitivity`, in its own module; it gets MODEL loading from here (it cannot import cli)
+register_sensitivity(app, load_model, _sim, _random_like, out_console, err_console)
 
 
 def _fmt(values: list[str | None]) -> str:

@@ -67,6 +67,7 @@ class SetPrecision:
     activation: str | None | tuple[str | None, ...] = None
     param: tuple[tuple[str, ParamSpec], ...] = ()
     line: int | None = field(default=None, compare=False)
+    comment: str | None = field(default=None, compare=False)  # written above the entry in YAML
     key: ClassVar[str] = "set_precision"
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +166,7 @@ class Profile:
         if suffix == ".json":
             text = json.dumps(self.to_dict(), indent=2) + "\n"
         elif suffix in (".yaml", ".yml"):
-            text = yaml_module().safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+            text = self._yaml_text()
         else:
             raise ProfileError(
                 f"{path}: profile files end in .yaml, .yml or .json, got {suffix or 'no suffix'!r}"
@@ -173,6 +174,19 @@ class Profile:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
+
+    def _yaml_text(self) -> str:
+        """YAML, with each entry's comment (if any) as a ``#`` line above it."""
+        yaml, data = yaml_module(), self.to_dict()
+        if not any(getattr(r, "comment", None) for r in self.requests):
+            return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+        head = yaml.safe_dump({k: v for k, v in data.items() if k != "requests"}, sort_keys=False)
+        lines = [head.rstrip("\n"), "requests:"]
+        for request, body in zip(self.requests, data["requests"], strict=True):
+            for line in (getattr(request, "comment", None) or "").splitlines():
+                lines.append(f"# {line}")
+            lines.append(yaml.safe_dump([body], sort_keys=False, default_flow_style=None).rstrip("\n"))
+        return "\n".join(lines) + "\n"
 
 
 def load_profile(path: str | Path) -> Profile:
