@@ -15,7 +15,7 @@ from torch import nn
 
 from mixprec import MixedPrecisionConfigurator, QuantizationSimModel
 
-from .models import build
+from .models import SmallCNN, build
 
 
 def run(model: nn.Module, example: Any) -> Any:
@@ -35,6 +35,26 @@ def forward(example: Any) -> Callable[[nn.Module, Any], Any]:
 def calibrate(sim: QuantizationSimModel, example: Any) -> None:
     """Compute every encoding of ``sim`` from one forward pass of ``example``."""
     sim.compute_encodings(forward(example), None)
+
+
+def small_cnn_sim(**kwargs: Any) -> tuple[QuantizationSimModel, torch.Tensor]:
+    """A sim of a seeded SmallCNN (constructor keywords passed through) and its example input."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = model.example_input()
+    return QuantizationSimModel(model, x, **kwargs), x
+
+
+def calibrated_small_cnn(**kwargs: Any) -> tuple[QuantizationSimModel, torch.Tensor]:
+    """``small_cnn_sim`` with its encodings computed from the example input."""
+    sim, x = small_cnn_sim(**kwargs)
+    sim.compute_encodings(lambda m: m(x))
+    return sim, x
+
+
+def precision_rows(sim: QuantizationSimModel) -> dict[str, dict]:
+    """``sim.precision_table()`` keyed by layer name."""
+    return {row["name"]: row for row in sim.precision_table()}
 
 
 def make(name: str, **kwargs: Any) -> tuple[QuantizationSimModel, MixedPrecisionConfigurator, Any]:

@@ -19,25 +19,8 @@ from mixprec import (
     RequestError,
     UnsupportedArgumentError,
 )
+from tests.helpers import calibrated_small_cnn, precision_rows, small_cnn_sim
 from tests.models import SmallCNN
-
-
-def _sim(**kwargs):
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    x = model.example_input()
-    return QuantizationSimModel(model, x, **kwargs), x
-
-
-def _calibrated(**kwargs):
-    sim, x = _sim(**kwargs)
-    sim.compute_encodings(lambda m: m(x))
-    return sim, x
-
-
-def _table(sim):
-    return {row["name"]: row for row in sim.precision_table()}
-
 
 # ---------------------------------------------------------------------------- QuantScheme
 
@@ -62,8 +45,8 @@ def test_reference_scheme_names(name, member, learnable):
 
 
 def test_range_learning_scheme_calibrates_like_its_initialization():
-    tf, _ = _calibrated(quant_scheme=QuantScheme.post_training_tf)
-    learn, _ = _calibrated(quant_scheme=QuantScheme.training_range_learning_with_tf_init)
+    tf, _ = calibrated_small_cnn(quant_scheme=QuantScheme.post_training_tf)
+    learn, _ = calibrated_small_cnn(quant_scheme=QuantScheme.training_range_learning_with_tf_init)
     for (name, a), (_, b) in zip(tf.named_quantizers(), learn.named_quantizers(), strict=True):
         assert torch.equal(a.get_scale(), b.get_scale()), name
 
@@ -97,7 +80,7 @@ def test_reference_only_constructor_arguments():
 
 
 def test_two_argument_callback_without_args_gets_none():
-    sim, x = _sim()
+    sim, x = small_cnn_sim()
     seen = []
     sim.compute_encodings(lambda model, args: seen.append(args) or model(x))
     assert seen == [None] and all(q.is_initialized() for _, q in sim.named_quantizers())
@@ -107,7 +90,7 @@ def test_two_argument_callback_without_args_gets_none():
 
 
 def test_is_initialized_is_callable_and_a_bool():
-    sim, x = _sim()
+    sim, x = small_cnn_sim()
     q = sim.model.stem.output_quantizers[0]
     assert q.is_initialized() is False and not q.is_initialized
     assert q.get_scale() is None and q.get_offset() is None and q.get_encodings() is None
@@ -116,7 +99,7 @@ def test_is_initialized_is_callable_and_a_bool():
 
 
 def test_getters_follow_the_references_offset_convention():
-    sim, _ = _calibrated()
+    sim, _ = calibrated_small_cnn()
     weight = sim.model.stem.param_quantizers["weight"]  # signed symmetric
     act = sim.model.stem.output_quantizers[0]  # asymmetric
     assert weight.signed and weight.symmetric and weight.get_offset().item() == 0
@@ -129,13 +112,13 @@ def test_getters_follow_the_references_offset_convention():
 
 
 def test_bitwidth_changes_precision_everywhere_shown():
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     q = sim.model.fc.param_quantizers["weight"]
     scale8 = q.get_scale().item()
     q.bitwidth = 4
     assert q.precision.name == "int4" and q.is_initialized()  # the calibrated range is kept
     assert q.get_scale().item() == pytest.approx(scale8 * 127 / 7, rel=1e-5)
-    assert _table(sim)["fc"]["params"]["weight"] == "int4"
+    assert precision_rows(sim)["fc"]["params"]["weight"] == "int4"
     assert dict(sim.named_quantizers())["fc.param_quantizers.weight"].precision.name == "int4"
     report = MixedPrecisionConfigurator(sim).apply()
     assert next(r for r in report.to_dict()["layers"] if r["name"] == "fc")["params"]["weight"] == "int4"
@@ -143,7 +126,7 @@ def test_bitwidth_changes_precision_everywhere_shown():
 
 
 def test_bitwidth_change_is_not_hidden_by_the_cached_quantized_weight():
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     q = sim.model.fc.param_quantizers["weight"]
     with torch.no_grad():  # inference caches q(weight) across forwards (sim/runtime.py)
         y8 = sim.model(x)
@@ -154,12 +137,12 @@ def test_bitwidth_change_is_not_hidden_by_the_cached_quantized_weight():
 
 
 def test_data_type_changes_the_quantizer_type_in_place():
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     q = sim.model.stem.output_quantizers[0]
     q.bitwidth = 16
     q.data_type = QuantizationDataType.float
     assert isinstance(q, FloatQuantizer) and q.precision.name == "fp16"
-    assert sim.model.stem.output_quantizers[0] is q and _table(sim)["stem"]["outputs"] == ["fp16"]
+    assert sim.model.stem.output_quantizers[0] is q and precision_rows(sim)["stem"]["outputs"] == ["fp16"]
     torch.testing.assert_close(sim.model(x), sim.model(x))
     q.data_type = int
     assert isinstance(q, IntQuantizer) and q.precision.name == "int16" and not q.symmetric
@@ -179,7 +162,7 @@ def test_data_type_changes_the_quantizer_type_in_place():
     ],
 )
 def test_bad_quantizer_settings_leave_the_quantizer_alone(attr, value, match):
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     q = sim.model.stem.param_quantizers["weight"]
     before = q.get_encodings()
     if match is None:  # a symmetric quantizer may become unsigned-capable: weights have negatives
@@ -192,17 +175,17 @@ def test_bad_quantizer_settings_leave_the_quantizer_alone(attr, value, match):
 
 
 def test_disabling_a_quantizer_says_how():
-    sim, _ = _sim()
+    sim, _ = small_cnn_sim()
     q = sim.model.fc.output_quantizers[0]
     q.enabled = True
     with pytest.raises(QuantizerSettingError, match=r"enabled=False: remove the quantizer instead"):
         q.enabled = False
     sim.model.fc.output_quantizers[0] = None  # the reference's 2.x way
-    assert _table(sim)["fc"]["outputs"] == [None]
+    assert precision_rows(sim)["fc"]["outputs"] == [None]
 
 
 def test_symmetric_setter_rederives_the_encoding():
-    sim, _ = _calibrated()
+    sim, _ = calibrated_small_cnn()
     q = sim.model.stem.output_quantizers[0]
     q.symmetric = True
     assert q.symmetric and q.is_initialized() and q.get_offset().item() == 0
@@ -211,7 +194,7 @@ def test_symmetric_setter_rederives_the_encoding():
 
 
 def test_frozen_encoding_survives_compute_encodings():
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     q = sim.model.stem.output_quantizers[0]
     q.allow_overwrite(False)
     before = q.get_scale()
@@ -224,7 +207,7 @@ def test_frozen_encoding_survives_compute_encodings():
 
 
 def test_named_quantizers_and_qmodules_resolve_under_sim_model():
-    sim, _ = _sim()
+    sim, _ = small_cnn_sim()
     names = dict(sim.named_quantizers())
     assert len(names) == len(list(sim.quantizers()))
     for name, q in names.items():
@@ -235,16 +218,16 @@ def test_named_quantizers_and_qmodules_resolve_under_sim_model():
 
 
 def test_exclude_layers_refuses_modules_of_other_models():
-    sim, _ = _sim()
+    sim, _ = small_cnn_sim()
     with pytest.raises(RequestError, match="not a module .* of sim.model"):
         sim.exclude_layers_from_quantization([torch.nn.Linear(2, 2)])
     sim.exclude_layers_from_quantization(["block2"])
     assert all(row["outputs"] in ([None], [])
-               for name, row in _table(sim).items() if name.startswith("block2"))  # fmt: skip
+               for name, row in precision_rows(sim).items() if name.startswith("block2"))  # fmt: skip
 
 
 def test_set_percentile_value_validates_and_reaches_new_quantizers():
-    sim, x = _sim(quant_scheme="percentile")
+    sim, x = small_cnn_sim(quant_scheme="percentile")
     with pytest.raises(QuantizerSettingError, match=r"percentile must be in \(50, 100\]"):
         sim.set_percentile_value(20)
     sim.set_percentile_value(99.5)
@@ -255,10 +238,10 @@ def test_set_percentile_value_validates_and_reaches_new_quantizers():
 
 
 def test_get_supported_kernels():
-    sim, _ = _sim(config_file="edge_strict")
+    sim, _ = small_cnn_sim(config_file="edge_strict")
     kernels = sim.get_supported_kernels()
     assert {
         "activation": {"bitwidth": 16, "dtype": "int"},
         "param": {"bitwidth": 8, "dtype": "int"},
     } in kernels["defaults"]
-    assert _sim()[0].get_supported_kernels() == {}
+    assert small_cnn_sim()[0].get_supported_kernels() == {}

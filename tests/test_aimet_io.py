@@ -12,30 +12,11 @@ import pytest
 import torch
 
 from mixprec import (
-    QuantizationSimModel,
     UnsupportedArgumentError,
     load_checkpoint,
     save_checkpoint,
 )
-from tests.models import SmallCNN
-
-
-def _sim(**kwargs):
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    x = model.example_input()
-    return QuantizationSimModel(model, x, **kwargs), x
-
-
-def _calibrated(**kwargs):
-    sim, x = _sim(**kwargs)
-    sim.compute_encodings(lambda m: m(x))
-    return sim, x
-
-
-def _table(sim):
-    return {row["name"]: row for row in sim.precision_table()}
-
+from tests.helpers import calibrated_small_cnn, precision_rows, small_cnn_sim
 
 # ---------------------------------------------------------------------------- load / export options
 
@@ -50,32 +31,32 @@ def _document(sim):
 
 
 def test_load_encodings_options():
-    source, x = _calibrated()
+    source, x = calibrated_small_cnn()
     source.model.fc.param_quantizers["weight"].bitwidth = 4
     doc = _document(source)
-    sim, _ = _sim()
+    sim, _ = small_cnn_sim()
     with pytest.raises(UnsupportedArgumentError, match="requires_grad=True.*training_range_learning"):
         sim.load_encodings(doc, requires_grad=True)
     assert not any(q.is_initialized() for _, q in sim.named_quantizers())  # nothing was loaded
     sim.load_encodings(doc, partial=True, allow_overwrite=False)
-    assert _table(sim)["fc"]["params"]["weight"] == "int4"
+    assert precision_rows(sim)["fc"]["params"]["weight"] == "int4"
     torch.testing.assert_close(sim.model(x), source.model(x), rtol=0, atol=0)
     with pytest.raises(UnsupportedArgumentError, match="frozen .*allow_overwrite\\(True\\)"):
         sim.load_encodings(doc)
 
 
 def test_load_encodings_strict_and_partial():
-    source, _ = _calibrated()
+    source, _ = calibrated_small_cnn()
     doc = _document(source)
     doc["mixprec"]["quantizers"] = [
         {**item, "layer": "no_such_layer"} if item["layer"] == "fc" else item
         for item in doc["mixprec"]["quantizers"]
     ]
-    sim, _ = _sim()
+    sim, _ = small_cnn_sim()
     with pytest.raises(ValueError, match="no_such_layer"):
         sim.load_encodings(doc, strict=True)
     sim.load_encodings(doc, strict=False, partial=False)
-    table = _table(sim)
+    table = precision_rows(sim)
     assert table["fc"]["params"]["weight"] is None and table["fc"]["outputs"] == [None]  # dangling: removed
     assert sim.model.stem.param_quantizers["weight"].is_initialized()
 
@@ -92,7 +73,7 @@ def test_load_encodings_strict_and_partial():
     ],
 )
 def test_export_refuses_reference_arguments_it_does_not_provide(tmp_path, kwargs, match):
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     with pytest.raises(UnsupportedArgumentError, match=match):
         sim.export(str(tmp_path), "m", x, **kwargs)
     assert os.listdir(tmp_path) == []
@@ -102,7 +83,7 @@ def test_export_refuses_reference_arguments_it_does_not_provide(tmp_path, kwargs
 def test_export_with_reference_arguments_shows_changed_bitwidths(tmp_path):
     import json
 
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     sim.model.fc.param_quantizers["weight"].bitwidth = 4
     result = sim.export(
         str(tmp_path),
@@ -124,7 +105,7 @@ def test_export_with_reference_arguments_shows_changed_bitwidths(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_loads_in_another_process(tmp_path):
-    sim, x = _calibrated()
+    sim, x = calibrated_small_cnn()
     sim.model.fc.param_quantizers["weight"].bitwidth = 4
     path = tmp_path / "sim.pth"
     save_checkpoint(sim, path)
@@ -173,16 +154,16 @@ def _reference_document(sim):
 
 
 def test_load_the_references_torch_keyed_encodings():
-    source, x = _calibrated(config_file="per_channel")
+    source, x = calibrated_small_cnn(config_file="per_channel")
     source.model.fc.param_quantizers["weight"].bitwidth = 4
     doc = _reference_document(source)
     assert len(doc["param_encodings"]["stem.weight"]) == 8  # one entry per output channel
-    sim, _ = _sim(config_file="per_channel")
+    sim, _ = small_cnn_sim(config_file="per_channel")
     sim.load_encodings(doc)
     for name, q in source.named_quantizers():
         if not name.startswith("mixprec_"):
             assert torch.equal(dict(sim.named_quantizers())[name].get_scale(), q.get_scale()), name
-    assert _table(sim)["fc"]["params"]["weight"] == "int4"
+    assert precision_rows(sim)["fc"]["params"]["weight"] == "int4"
     with pytest.raises(ValueError, match=r"'nope.weight': this sim has no such quantizer place"):
         sim.load_encodings({"param_encodings": {"nope.weight": doc["param_encodings"]["fc.weight"]}})
     sim.load_encodings({"param_encodings": {"nope.weight": []}}, strict=False)  # skipped
@@ -191,11 +172,11 @@ def test_load_the_references_torch_keyed_encodings():
 def test_set_and_freeze_adaround_style_param_encodings(tmp_path):
     import json
 
-    source, x = _calibrated()
+    source, x = calibrated_small_cnn()
     source.model.fc.param_quantizers["weight"].bitwidth = 4
     path = tmp_path / "adaround.encodings"
     path.write_text(json.dumps(_reference_document(source)["param_encodings"]))  # the older top-level form
-    sim, _ = _sim()
+    sim, _ = small_cnn_sim()
     sim.set_and_freeze_param_encodings(str(path))
     sim.compute_encodings(lambda m: m(x))
     weight = sim.model.fc.param_quantizers["weight"]
@@ -207,4 +188,4 @@ def test_set_and_freeze_adaround_style_param_encodings(tmp_path):
                 "stem.weight": _reference_document(source)["param_encodings"]["stem.weight"] * 3
             }
         }
-        _sim()[0].load_encodings(bad)
+        small_cnn_sim()[0].load_encodings(bad)

@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 
+from tests.helpers import precision_rows
 from tests.models import SmallCNN
 
 # ---- was: from aimet_common.defs import QuantScheme, QuantizationDataType
@@ -46,10 +47,6 @@ def _user_setup(batches: int = 3):
         return hits / (2 * len(data_loader))
 
     return model, data_loader, evaluate
-
-
-def _table(sim):
-    return {row["name"]: row for row in sim.precision_table()}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +145,7 @@ def test_per_layer_edits_with_named_quantizers_and_bitwidth():
 
     sim.compute_encodings(lambda model, _: [model(x) for x, _ in data_loader], None)
     # ---------------------------------------------------------------- end of script
-    table = _table(sim)
+    table = precision_rows(sim)
     assert table["stem"]["params"]["weight"] == "int4" and table["fc"]["params"]["weight"] == "int4"
     assert table["fc"]["outputs"] == ["int16"] and table["stem"]["outputs"] == ["int16"]
     q = sim.model.stem.output_quantizers[0]
@@ -184,7 +181,7 @@ def test_exclude_layers_and_bias_from_quantization():
     sim.exclude_layers_from_quantization([sim.model.fc])
     sim.compute_encodings(lambda m, _: [m(x) for x, _ in data_loader], None)
     # ---------------------------------------------------------------- end of script
-    table = _table(sim)
+    table = precision_rows(sim)
     assert table["fc"]["params"] == {"weight": None, "bias": None} and table["fc"]["outputs"] == [None]
     assert all(p is None for row in table.values() for name, p in row["params"].items() if name == "bias")
     assert table["stem"]["params"]["weight"] == "int8"
@@ -216,7 +213,7 @@ def test_manual_mixed_precision_workflow():
     # 5. compute encodings and export
     sim.compute_encodings(lambda m, _: m(input_tensor), None)
     # ---------------------------------------------------------------- end of script
-    table = _table(sim)
+    table = precision_rows(sim)
     assert table["stem"]["params"]["weight"] == "int16"  # its output is lowered: block1.0 reads int8
     assert table["fc"]["params"]["weight"] == "int8"
     assert sim.model.mixprec_input_quantizers[0].bitwidth == 16
@@ -343,7 +340,7 @@ def test_mmp_snippet_on_mobilenet_v2():
     mp_configurator.set_model_output_precision(activation="int16")
     mp_configurator.apply()
     # ---------------------------------------------------------------- end of script
-    table = _table(quant_sim)
+    table = precision_rows(quant_sim)
     assert table["features.1.conv.0.0"]["params"]["weight"] == "int16"
     assert table["features.3.conv.1.0"]["params"]["weight"] == "int16"  # the non-leaf's conv
     assert table["classifier.1"]["outputs"] == ["int16"]
