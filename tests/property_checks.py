@@ -138,17 +138,24 @@ def lost(report: dict, rid: int, layers: set[str]) -> bool:
     return any(c["loser"] == rid and c["loser_layer"] in layers for c in report["conflicts"])
 
 
-def check_latest_request_holds(
-    sim: QuantizationSimModel, report: dict, issued: list[tuple[int, RequestSpec]]
-) -> None:
-    graph = sim.graph
-    memo: dict[int, Precision | None] = {}
+def latest_layer_requests(
+    sim: QuantizationSimModel, issued: list[tuple[int, RequestSpec]]
+) -> dict[int, tuple[int, RequestSpec]]:
+    """Layer index -> the last ``(request id, spec)`` issued on it (input/output requests left out)."""
     latest: dict[int, tuple[int, RequestSpec]] = {}
     for rid, spec in issued:
         if spec.kind not in ("input", "output"):
             for index in expected_layers(sim, spec):
                 latest[index] = (rid, spec)
-    for index, (rid, spec) in latest.items():
+    return latest
+
+
+def check_latest_request_holds(
+    sim: QuantizationSimModel, report: dict, issued: list[tuple[int, RequestSpec]]
+) -> None:
+    graph = sim.graph
+    memo: dict[int, Precision | None] = {}
+    for index, (rid, spec) in latest_layer_requests(sim, issued).items():
         layer = graph.layers[index]
         exempt_layers = {graph.layers[i].name for i in fused_upstream(sim, index)}
         if spec.activation is not None:
@@ -334,12 +341,7 @@ def check_requested_layers_emit(
     """Rule 4: a requested layer emits its precision (a list's first entry) at the end of its fused group."""
     graph = sim.graph
     memo: dict[int, Precision | None] = {}
-    latest: dict[int, tuple[int, RequestSpec]] = {}
-    for rid, spec in issued:
-        if spec.kind not in ("input", "output"):
-            for index in expected_layers(sim, spec):
-                latest[index] = (rid, spec)
-    for index, (rid, spec) in latest.items():
+    for index, (rid, spec) in latest_layer_requests(sim, issued).items():
         asked = spec.activation[0] if isinstance(spec.activation, list) else spec.activation
         if asked is None:
             continue
