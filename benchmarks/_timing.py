@@ -66,6 +66,24 @@ def timed_cpu(fn: Callable[[], object]) -> tuple[float, float]:
     return now() - wall, time.process_time() - cpu
 
 
+def time_runs(fn: Callable[[], object], repeats: int, warmup: int) -> dict[str, float]:
+    """Median and minimum wall time and median process CPU time (ms) of ``repeats`` calls of
+    ``fn``, after ``warmup`` calls that are not timed."""
+    for _ in range(warmup):
+        fn()
+    times, cpu = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), now()
+        fn()
+        times.append(now() - t0)
+        cpu.append(time.process_time() - c0)
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "cpu_median_ms": statistics.median(cpu) * 1e3,
+    }
+
+
 def cpu_share(wall_s: float, cpu_s: float, threads: int) -> float:
     """Fraction of ``threads`` cores this process got over a stretch of wall time."""
     return cpu_s / (wall_s * threads) if wall_s > 0 else 0.0

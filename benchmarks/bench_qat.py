@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,23 +30,16 @@ from torch import nn
 
 from mixprec import QuantizationSimModel
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: python benchmarks/...
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._timing import time_runs  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "qat.json"
 
 
-def timeit(fn: Callable[[], object], repeats: int) -> dict[str, float]:
-    for _ in range(2):
-        fn()
-    times, cpu = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {
-        "median_ms": statistics.median(times) * 1e3,
-        "min_ms": min(times) * 1e3,
-        "cpu_median_ms": statistics.median(cpu) * 1e3,
-    }
+timeit = functools.partial(time_runs, warmup=2)
 
 
 def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:

@@ -17,11 +17,11 @@ workers waiting for a descheduled peer inflate wall times by orders of magnitude
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,23 +32,16 @@ from mixprec.quant import qmath as qm
 from mixprec.quant.observers import QuantScheme, RangeObserver, num_bins_for_tensor
 from mixprec.quant.quantizers import IntQuantizer
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: python benchmarks/...
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._timing import time_runs  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "quantizer_kernels.json"
 
 
-def timeit(fn: Callable[[], object], repeats: int) -> dict[str, float]:
-    for _ in range(3):
-        fn()
-    times, cpu = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {
-        "median_ms": statistics.median(times) * 1e3,
-        "min_ms": min(times) * 1e3,
-        "cpu_median_ms": statistics.median(cpu) * 1e3,
-    }
+timeit = functools.partial(time_runs, warmup=3)
 
 
 def with_grad(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
