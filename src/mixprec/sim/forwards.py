@@ -53,7 +53,23 @@ def _kind(module: nn.Module) -> str:
     return "generic"
 
 
-class LeafForward:
+class OwnForwardView:
+    """Introspection of an instance ``forward`` object sees ``type(self.module).forward``."""
+
+    module: nn.Module
+
+    @property
+    def __wrapped__(self) -> Callable:
+        # inspect.signature(sim.model.forward) (transformers' generate reads it) sees the model's own
+        return types.MethodType(type(self.module).forward, self.module)
+
+    @property
+    def __code__(self) -> types.CodeType:
+        # torch.export reads forward.__code__ for its diagnostics
+        return type(self.module).forward.__code__
+
+
+class LeafForward(OwnForwardView):
     """Instance ``forward`` of a leaf module: finds this call's site and quantizes around it.
 
     Attributes:
@@ -71,15 +87,6 @@ class LeafForward:
             (rel, module.get_submodule(rel.rpartition(".")[0]), rel.rpartition(".")[2])
             for rel, _ in module.named_parameters(remove_duplicate=False)
         ]
-
-    @property
-    def __wrapped__(self) -> Callable:
-        return types.MethodType(type(self.module).forward, self.module)
-
-    @property
-    def __code__(self) -> types.CodeType:
-        # torch.export reads forward.__code__ for its diagnostics
-        return type(self.module).forward.__code__
 
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)

@@ -15,7 +15,6 @@ never in process globals, so threads and sims do not interfere.
 from __future__ import annotations
 
 import threading
-import types
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,7 +26,7 @@ from mixprec.capture import sdpa
 from mixprec.capture.callsite import SiteKey, canonical_name
 from mixprec.errors import CaptureError
 from mixprec.sim import foreign
-from mixprec.sim.forwards import LeafForward, quantize_leaves
+from mixprec.sim.forwards import LeafForward, OwnForwardView, quantize_leaves
 from mixprec.sim.rootview import original_class, quantized_class
 from mixprec.sim.sitecall import FunctionalSite
 
@@ -354,22 +353,12 @@ class ScopeHook:
             st.scope.pop()
 
 
-class RootForward:
+class RootForward(OwnForwardView):
     """The root's instance ``forward``: quantizes model inputs and runs the forward in the mode."""
 
     def __init__(self, module: nn.Module, runtime: SimRuntime) -> None:
         self.module = module
         self.runtime = runtime
-
-    @property
-    def __wrapped__(self) -> Callable:
-        # inspect.signature(sim.model.forward) (transformers' generate reads it) sees the model's own
-        return types.MethodType(type(self.module).forward, self.module)
-
-    @property
-    def __code__(self) -> types.CodeType:
-        # torch.export reads forward.__code__ for its diagnostics
-        return type(self.module).forward.__code__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rt = self.runtime
