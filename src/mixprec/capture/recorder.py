@@ -67,6 +67,37 @@ def is_leaf(module: nn.Module) -> bool:
     return isinstance(module, ops.ATOMIC_MODULES) or next(module.children(), None) is None
 
 
+def module_param_refs(
+    module: nn.Module, name: str, key_and_name: Callable[[torch.Tensor], tuple[int, str]]
+) -> dict[str, ParamRef]:
+    """The parameters leaf module ``name`` reads, by name relative to it; ``key_and_name`` gives a
+    parameter's ParamRef key and qualified name."""
+    params = {}
+    for rel, param in module.named_parameters(remove_duplicate=False):
+        owner, _, attr = (f"{name}.{rel}" if name else rel).rpartition(".")
+        key, qualified = key_and_name(param)
+        params[rel] = ParamRef(key, qualified, owner, attr, param.ndim)
+    return params
+
+
+def module_layer_fields(
+    module: nn.Module, name: str, call_index: int, params: dict[str, ParamRef]
+) -> dict[str, Any]:
+    """The Layer fields of call ``call_index`` of leaf module ``name`` other than its inputs and
+    outputs: one definition for capture and for the sites the sim's runtime adds later."""
+    return {
+        "name": name if call_index == 0 else f"{name}#{call_index}",
+        "kind": LayerKind.MODULE,
+        "op": type(module),
+        "type_name": type(module).__name__,
+        "op_type": ops.module_op_type(module),
+        "module_name": name,
+        "call_index": call_index,
+        "params": params,
+        "data_movement": ops.is_data_movement_module(module),
+    }
+
+
 def split_dummy_input(dummy_input: Any) -> tuple[tuple, dict]:
     """A tensor -> one positional input; a tuple/list -> positional inputs; a mapping -> keyword inputs."""
     if isinstance(dummy_input, torch.Tensor):
@@ -142,6 +173,10 @@ class _Recorder:
                 floats.append(leaf.is_floating_point())
         return slots, floats, params
 
+    def param_ref(self, param: torch.Tensor) -> tuple[int, str]:
+        key = self.param_keys[id(param)]
+        return key, self.param_home[key][0]
+
     def add_layer(self, **fields: Any) -> Layer:
         layer = Layer(index=len(self.layers), **fields)
         for slot, tid in enumerate(layer.inputs):
@@ -171,24 +206,12 @@ class _Recorder:
         name = self.module_names[id(module)]
         count = self.module_call_counts.get(name, 0)
         self.module_call_counts[name] = count + 1
-        params = {}
-        for rel, param in module.named_parameters(remove_duplicate=False):
-            owner, _, attr = (f"{name}.{rel}" if name else rel).rpartition(".")
-            key = self.param_keys[id(param)]
-            params[rel] = ParamRef(key, self.param_home[key][0], owner, attr, param.ndim)
+        params = module_param_refs(module, name, self.param_ref)
         self.leaf_modules[name] = module
         layer = self.add_layer(
-            name=name if count == 0 else f"{name}#{count}",
-            kind=LayerKind.MODULE,
-            op=type(module),
-            type_name=type(module).__name__,
-            op_type=ops.module_op_type(module),
-            module_name=name,
-            call_index=count,
+            **module_layer_fields(module, name, count, params),
             inputs=slots,
             outputs=(),
-            params=params,
-            data_movement=ops.is_data_movement_module(module),
             input_is_float=floats,
         )
         tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]

@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from mixprec.capture import op_types as ops
 from mixprec.capture.callsite import KNOWN_COMPUTE, SiteKey, is_kv_cache_call, kv_cache_name, site_name
 from mixprec.capture.graph import Layer, LayerKind, ParamRef
-from mixprec.capture.recorder import CaptureResult, is_leaf
+from mixprec.capture.recorder import CaptureResult, is_leaf, module_layer_fields, module_param_refs
 from mixprec.sim.forwards import LeafForward
 from mixprec.sim.placement import layer_templates
 from mixprec.sim.runtime import (
@@ -171,25 +171,13 @@ class SiteBuilder:
         self, name: str, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> LayerQuantizers:
         floats, _ = self._inputs(pytree.tree_leaves((args, kwargs)), name)
-        params = {}
-        for rel, param in module.named_parameters(remove_duplicate=False):
-            owner, _, attr = (f"{name}.{rel}" if name else rel).rpartition(".")
-            key, qualified = self._param_ref(param)
-            params[rel] = ParamRef(key, qualified, owner, attr, param.ndim)
+        params = module_param_refs(module, name, self._param_ref)
         outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
         layer = Layer(
             index=len(self.sim.graph.layers),
-            name=name if index == 0 else f"{name}#{index}",
-            kind=LayerKind.MODULE,
-            op=type(module),
-            type_name=type(module).__name__,
-            op_type=ops.module_op_type(module),
-            module_name=name,
-            call_index=index,
+            **module_layer_fields(module, name, index, params),
             inputs=(None,) * len(floats),
             outputs=(),
-            params=params,
-            data_movement=ops.is_data_movement_module(module),
             input_is_float=tuple(floats),
         )
         lq = self._grow(layer, outs, module)
