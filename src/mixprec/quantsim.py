@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from mixprec.capture.graph import Graph
 from mixprec.capture.recorder import capture, is_leaf, split_dummy_input
 from mixprec.config.rules import SimConfig, load_config
 from mixprec.core.granularity import Granularity
-from mixprec.core.precision import NumberKind, Precision, QuantizationDataType, name_of
+from mixprec.core.precision import NumberKind, Precision, QuantizationDataType
 from mixprec.quant.learnable import LearnableIntQuantizer
 from mixprec.quant.masks import MASK_THRESHOLD, check_threshold
 from mixprec.quant.observers import QuantScheme
@@ -32,21 +32,20 @@ from mixprec.sim.aimet_api import (
     one_or_two_argument_callback,
 )
 from mixprec.sim.calibration import calibrate
-from mixprec.sim.effective import effective_input_precisions
 from mixprec.sim.model_state import buffers_restored, refuse_sim_model
+from mixprec.sim.place_access import PlaceAccess
 from mixprec.sim.placement import (
     Place,
     PlaceKind,
     Placement,
     SlotTemplate,
-    is_quantizable,
     place_quantizers,
 )
 from mixprec.sim.runtime import LayerQuantizers, SimRuntime, original_class, param_key
 from mixprec.sim.sites import SiteBuilder
 
 
-class QuantizationSimModel(ReferenceSimAPI):
+class QuantizationSimModel(ReferenceSimAPI, PlaceAccess):
     """Simulates quantization of ``model``: quantizers at every layer output, input and param
     the config asks for, including functional calls (``x + y``, ``torch.matmul``), with no
     model preparation.
@@ -222,52 +221,7 @@ class QuantizationSimModel(ReferenceSimAPI):
         """Indices of the layers reading the parameter with ParamRef.key ``key``."""
         return self._param_layers[key]
 
-    # places -----------------------------------------------------------------------------
-    def places(self) -> Iterator[Place]:
-        """Every place of the graph where a quantizer exists or may be created."""
-        for i in range(len(self.graph.inputs)):
-            if self.placement.model_inputs[i] is not None:
-                yield Place(PlaceKind.MODEL_INPUT, None, i)
-        for layer in self.graph.layers:
-            for slot, t in enumerate(self.placement.inputs[layer.index]):
-                if t is not None:
-                    yield Place(PlaceKind.INPUT, layer.index, slot)
-            for slot, t in enumerate(self.placement.outputs[layer.index]):
-                if t is not None:
-                    yield Place(PlaceKind.OUTPUT, layer.index, slot)
-            for name in layer.params:
-                yield Place(PlaceKind.PARAM, layer.index, name)
-
-    def quantizer_at(self, place: Place) -> QuantizerBase | None:
-        """The quantizer at ``place`` (None where there is none)."""
-        # Reads the containers' dicts directly: resolution asks this tens of thousands of
-        # times on large models, and ModuleList indexing costs several times more.
-        if place.kind is PlaceKind.MODEL_INPUT:
-            return self._runtime.input_quantizers._modules[str(place.slot)]
-        lq = self._layer_quantizers[place.layer]
-        if place.kind is PlaceKind.INPUT:
-            return lq.input_quantizers._modules[str(place.slot)]
-        if place.kind is PlaceKind.OUTPUT:
-            return lq.output_quantizers._modules[str(place.slot)]
-        return lq.param_quantizers._modules[param_key(str(place.slot))]
-
-    def precision_at(self, place: Place) -> Precision | None:
-        q = self.quantizer_at(place)
-        return None if q is None else q.precision
-
-    def template_at(self, place: Place) -> SlotTemplate:
-        if place.kind is PlaceKind.MODEL_INPUT:
-            return self.placement.model_inputs[int(place.slot)]
-        if place.kind is PlaceKind.INPUT:
-            return self.placement.inputs[place.layer][int(place.slot)]
-        if place.kind is PlaceKind.OUTPUT:
-            return self.placement.outputs[place.layer][int(place.slot)]
-        return self.placement.params[self.graph.layers[place.layer].params[str(place.slot)].key]
-
-    def granularity_at(self, place: Place) -> Granularity | None:
-        q = self.quantizer_at(place)
-        return None if q is None else q.granularity
-
+    # places (reading them: sim/place_access.py) -----------------------------------------
     def set_precision_at(
         self, place: Place, precision: Precision | None, granularity: Granularity | None = None
     ) -> None:
@@ -301,24 +255,6 @@ class QuantizationSimModel(ReferenceSimAPI):
                 for name, r in other.params.items():
                     if r.key == ref.key:
                         self._layer_quantizers[index].param_quantizers[param_key(name)] = new
-
-    def describe(self, place: Place) -> str:
-        if place.kind is PlaceKind.PARAM:
-            return self.graph.layers[place.layer].params[str(place.slot)].qualified_name
-        return place.describe(self.graph)
-
-    def quantizers(self) -> Iterator[tuple[Place, QuantizerBase]]:
-        """Each quantizer once (a shared parameter's quantizer at its first place)."""
-        seen: set[int] = set()
-        for place in self.places():
-            q = self.quantizer_at(place)
-            if q is not None and id(q) not in seen:
-                seen.add(id(q))
-                yield place, q
-
-    def param_tensor(self, place: Place) -> torch.Tensor:
-        ref = self.graph.layers[place.layer].params[str(place.slot)]
-        return self.model.get_submodule(ref.owner)._parameters[ref.attr]
 
     # calibration ------------------------------------------------------------------------
     def compute_encodings(
@@ -403,36 +339,6 @@ class QuantizationSimModel(ReferenceSimAPI):
             requires_grad=requires_grad,
             allow_overwrite=allow_overwrite,
         )
-
-    # introspection ----------------------------------------------------------------------
-    def precision_table(self) -> list[dict[str, Any]]:
-        """One row per quantized layer, in graph order (see docs/rules.md for the columns)."""
-        rows = []
-        for layer in self.graph.layers:
-            if not is_quantizable(self.placement, layer):
-                continue
-            ins = self.placement.inputs[layer.index]
-            outs = self.placement.outputs[layer.index]
-            rows.append(
-                {
-                    "name": layer.name,
-                    "type": layer.type_name,
-                    "params": {
-                        n: name_of(self.precision_at(Place(PlaceKind.PARAM, layer.index, n)))
-                        for n in layer.params
-                    },
-                    "inputs": [
-                        name_of(self.precision_at(Place(PlaceKind.INPUT, layer.index, s))) if t else None
-                        for s, t in enumerate(ins)
-                    ],
-                    "outputs": [
-                        name_of(self.precision_at(Place(PlaceKind.OUTPUT, layer.index, s))) if t else None
-                        for s, t in enumerate(outs)
-                    ],
-                    "effective_inputs": [name_of(p) for p in effective_input_precisions(self, layer)],
-                }
-            )
-        return rows
 
     def __repr__(self) -> str:
         n = sum(1 for _ in self.quantizers())
