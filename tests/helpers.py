@@ -6,10 +6,15 @@ The models themselves and their example inputs are in tests/models.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -85,3 +90,31 @@ def write_encodings(sim: QuantizationSimModel, path: Path) -> dict:
     document = build_encodings(sim, rows)
     path.write_text(json.dumps(document))
     return document
+
+
+def launch_ranks(script: str, out_dir: Path, world: int, timeout_s: float) -> list[Any]:
+    """Run ``script RANK STORE OUT_DIR`` in ``world`` processes (a gloo group) and load each
+    rank's ``rank{r}.pt``; a hang or a failing rank fails the test with that rank's log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(r), str(out_dir / "store"), str(out_dir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + timeout_s
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"distributed workers did not finish in {timeout_s} s (a hang)")
+    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

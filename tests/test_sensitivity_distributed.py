@@ -7,10 +7,7 @@ leaves the process group and runs it on all the batches (the single-process refe
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -65,30 +62,9 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("dist_sensitivity")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), str(tmp / "store"), str(tmp)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"distributed workers did not finish in {TIMEOUT_S} s (a hang)")
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log}"
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    from .helpers import launch_ranks  # not at the top: workers run this file as a script
+
+    return launch_ranks(__file__, tmp_path_factory.mktemp("dist_sensitivity"), WORLD, TIMEOUT_S)
 
 
 @pytest.mark.slow
