@@ -379,3 +379,27 @@ def test_bad_prefix_is_value_error(tmp_path: Path, prefix: str) -> None:
     sim, args = _calibrated("small_cnn")
     with pytest.raises(ValueError, match="filename_prefix"):
         sim.export(tmp_path, prefix, dummy_input=args)
+
+
+def test_quantizers_of_a_deep_copy_are_marked_too() -> None:
+    # Some of torch.onnx's capture strategies trace a deep copy of the model (Gemma, T5 and BART
+    # exported with no marker at all): a copied quantizer must still become its marker.
+    import copy
+
+    sim, args = _calibrated("small_cnn")
+    quantizers = [q for _, q in sim.quantizers()]
+    x = torch.randn(2, 3, 4, 4)
+    seen: list[int] = []
+
+    def record(t: torch.Tensor, index: int) -> torch.Tensor:
+        seen.append(index)
+        return t
+
+    with _onnx_trace.marking(quantizers, sim.runtime):
+        tracing = sim.runtime.tracing
+        tracing.forwards = {i: (lambda t, i=i: record(t, i)) for i in tracing.forwards}
+        copied = copy.deepcopy(quantizers[3])
+        tracing.mark(copied, x)
+        tracing.mark(quantizers[5], x)
+    assert seen == [3, 5]
+    assert all("_mixprec_marker_index" not in q.__dict__ for q in quantizers)

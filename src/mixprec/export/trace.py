@@ -91,15 +91,20 @@ def marked_forward(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+# Set on each quantizer while exporting. An attribute, not a table keyed by object identity: some
+# of torch.onnx's capture strategies trace a deep copy of the model (seen on Gemma, T5 and BART),
+# and a copied quantizer keeps its attributes but not its identity.
+MARKER_INDEX = "_mixprec_marker_index"
+
+
 class MarkerTracing:
     """The runtime's tracing state during export: quantizer ``quantizers[i]`` becomes ``Marker(i)``."""
 
     def __init__(self, quantizers: Sequence[QuantizerBase]) -> None:
-        self.index = {id(q): i for i, q in enumerate(quantizers)}
-        self.forwards = {i: marked_forward(i) for i in self.index.values()}
+        self.forwards = {i: marked_forward(i) for i in range(len(quantizers))}
 
     def mark(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        index = self.index.get(id(q))
+        index = q.__dict__.get(MARKER_INDEX)
         return q(x) if index is None else self.forwards[index](x)
 
 
@@ -114,10 +119,14 @@ def marking(quantizers: Sequence[QuantizerBase], runtime: Any) -> Iterator[None]
     """
     previous = runtime.tracing
     runtime.tracing = MarkerTracing(quantizers)
+    for i, q in enumerate(quantizers):
+        q.__dict__[MARKER_INDEX] = i
     try:
         yield
     finally:
         runtime.tracing = previous
+        for q in quantizers:
+            q.__dict__.pop(MARKER_INDEX, None)
 
 
 @dataclass
