@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ._models import build, images
-from ._timing import machine_info, speed_probe
+from ._timing import Interrupted, machine_info, raise_interrupted, speed_probe
 
 
 def main(settings: dict, out: Path) -> None:
@@ -41,7 +41,7 @@ def main(settings: dict, out: Path) -> None:
     def save() -> None:
         out.write_text(json.dumps(result, indent=1))
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         import aimet_torch
         from aimet_torch.batch_norm_fold import fold_all_batch_norms
@@ -97,7 +97,7 @@ def main(settings: dict, out: Path) -> None:
         result["layers"] = len(scores)
         result["ranking"] = sorted(scores, key=scores.get)[:10]
         result["status"] = "done"
-    except _Interrupted:
+    except Interrupted:
         result["per_layer_wall_s"] = time.perf_counter() - wall
         result["per_layer_cpu_s"] = time.process_time() - cpu
         result["status"] = "interrupted"
@@ -106,14 +106,6 @@ def main(settings: dict, out: Path) -> None:
         traceback.print_exc()
     result["speed_probe_ms"]["end"] = speed_probe()
     save()
-
-
-class _Interrupted(BaseException):
-    """SIGTERM from bench_sensitivity.py at the time limit: save what was measured and stop."""
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise _Interrupted
 
 
 if __name__ == "__main__":

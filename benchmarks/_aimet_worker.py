@@ -17,7 +17,7 @@ import torch
 
 from ._backends import AimetBackend
 from ._sections import build_section, calibration_section, forward_section
-from ._timing import Budget, machine_info, speed_probe
+from ._timing import Budget, Interrupted, machine_info, raise_interrupted, speed_probe
 
 SHARES = {"build": 0.3, "forward": 0.4, "calibration": 0.3}
 
@@ -60,13 +60,13 @@ def main(settings: dict, out: Path) -> None:
             deadline=end,
         ),
     }
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupted)
     for name in SHARES:
         if name not in settings["sections"]:
             continue
         try:
             result[name] = runs[name](budget.section(name))
-        except _Interrupted:
+        except Interrupted:
             result[name] = "interrupted: the worker reached its time limit in this section"
             result["speed_probe_ms"]["end"] = speed_probe()
             save()
@@ -78,14 +78,6 @@ def main(settings: dict, out: Path) -> None:
     result["speed_probe_ms"]["end"] = speed_probe()
     result["status"] = "done"
     save()
-
-
-class _Interrupted(BaseException):
-    """SIGTERM from run.py at the time limit: save what was measured and stop."""
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise _Interrupted
 
 
 if __name__ == "__main__":

@@ -181,3 +181,12 @@ def git_revision(repo: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}+dirty" if head and dirty else head or None
+
+
+class Interrupted(BaseException):
+    """SIGTERM from the parent benchmark at its time limit: save what was measured and stop."""
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """A SIGTERM handler for the aimet workers (signal.signal(signal.SIGTERM, raise_interrupted))."""
+    raise Interrupted
