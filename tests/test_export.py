@@ -17,7 +17,7 @@ import pytest
 import torch
 import torchvision
 
-from mixprec import ExportError, MixedPrecisionConfigurator, QuantizationSimModel
+from mixprec import ExportCoverageError, ExportError, MixedPrecisionConfigurator, QuantizationSimModel
 from mixprec.export import trace as _onnx_trace
 from mixprec.export.exporter import ExportResult
 
@@ -325,11 +325,10 @@ def test_quantizer_missing_from_graph_is_export_error_naming_layer(
     real = _onnx_trace.marked_forward
     # as if the exporter had dropped the marker of one quantizer
     monkeypatch.setattr(_onnx_trace, "marked_forward", lambda i: (lambda x: x) if i == lost else real(i))
-    with (
-        pytest.warns(UserWarning),
-        pytest.raises(ExportError, match=r"layer 'matmul': quantizer 'matmul output 0'"),
-    ):
+    why = r"1 quantizers of 1 layers \('matmul'\) ran during the TorchScript trace"
+    with pytest.warns(UserWarning), pytest.raises(ExportCoverageError, match=why) as info:
         sim.export(tmp_path, "m", dummy_input=args)
+    assert info.value.removed == ("matmul",) and info.value.not_traced == ()
     assert list(tmp_path.iterdir()) == []
 
 

@@ -39,6 +39,22 @@ class ExportError(MixprecError, RuntimeError):
     """Export could not write complete, consistent artifacts."""
 
 
+class ExportCoverageError(ExportError):
+    """Quantizers of the sim have no place in the exported graph; the message says why for each.
+
+    Attributes:
+        not_traced: layers whose quantizers did not run while the exporter traced the model
+            (a path the trace did not take: a loop count, a branch on values, detections).
+        removed: layers whose quantizers ran during the trace but whose values the exporter left
+            out of the graph (used in Python only, folded into a constant, or removed by ONNX passes).
+    """
+
+    def __init__(self, message: str, not_traced: tuple[str, ...] = (), removed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.not_traced = not_traced
+        self.removed = removed
+
+
 class ProfileError(MixprecError, ValueError):
     """A profile file (YAML/JSON list of requests) is malformed or names what the model lacks."""
 

@@ -19,8 +19,10 @@ import onnx
 from mixprec.core.granularity import PerChannel
 from mixprec.errors import ExportError
 from mixprec.export.encodings import SECTIONS
+from mixprec.export.missing import missing_error
 from mixprec.export.onnx_graph import MarkerSite, iter_nodes, marker_index, tensor_names
 from mixprec.export.qdq import Form, QdqSpec, form_of
+from mixprec.export.trace import TracedModel
 from mixprec.quant.quantizers import QuantizerBase
 from mixprec.sim.placement import Place, PlaceKind
 from mixprec.sim.state import PrecisionState
@@ -34,29 +36,28 @@ _FORM_OPS = {
 Entries = list[tuple[Place, QuantizerBase]]
 
 
-def keys_by_quantizer(sim: PrecisionState, entries: Entries, sites: list[MarkerSite]) -> list[list[str]]:
+def keys_by_quantizer(
+    sim: PrecisionState, entries: Entries, sites: list[MarkerSite], traced: TracedModel | None = None
+) -> list[list[str]]:
     """The float-model tensor names of each quantizer (usually one).
 
     Raises:
-        ExportError: a quantizer left no marker in the exported graph.
+        ExportCoverageError: a quantizer left no marker in the exported graph; the message says
+            why for each (see :mod:`mixprec.export.missing`).
     """
     keys: list[list[str]] = [[] for _ in entries]
     for site in sites:
         if site.key not in keys[site.index]:
             keys[site.index].append(site.key)
-    lost = [(i, "did not reach the exported ONNX graph") for i, k in enumerate(keys) if not k]
+    lost = [i for i, k in enumerate(keys) if not k]
     if lost:
-        raise gap_error(sim, entries, lost)
+        raise missing_error(sim, entries, lost, traced)
     return keys
 
 
 def gap_error(sim: PrecisionState, entries: Entries, gaps: list[tuple[int, str]]) -> ExportError:
     """The error listing ``gaps`` (quantizer index, what is wrong), one line per quantizer."""
-    lines = []
-    for i, why in gaps:
-        place, q = entries[i]
-        layer = "model input" if place.layer is None else f"layer {sim.graph.layers[place.layer].name!r}"
-        lines.append(f"  {layer}: quantizer {q.label or sim.describe(place)!r} ({q.precision}) {why}")
+    lines = [f"  {_layer(sim, entries[i][0])}: quantizer {_label(sim, i, entries)} {why}" for i, why in gaps]
     return ExportError(
         f"export would drop {len(gaps)} of {len(entries)} quantizers:\n"
         + "\n".join(lines)
@@ -145,3 +146,12 @@ def _check_one(
         if axes != {q.granularity.axis}:
             return f"is {q.granularity} in the sim but its QuantizeLinear on {key!r} is not (axes {sorted(axes)})"
     return None
+
+
+def _layer(sim: PrecisionState, place: Place) -> str:
+    return "model input" if place.layer is None else f"layer {sim.graph.layers[place.layer].name!r}"
+
+
+def _label(sim: PrecisionState, i: int, entries: Entries) -> str:
+    place, q = entries[i]
+    return f"{q.label or sim.describe(place)!r} ({q.precision})"

@@ -167,7 +167,7 @@ def export_sim(
             float_model = onnx.version_converter.convert_version(float_model, opset)
         except RuntimeError as exc:
             raise ExportError(f"cannot convert the exported model to opset {opset}: {exc}") from None
-    keys = keys_by_quantizer(sim, entries, sites)
+    keys = keys_by_quantizer(sim, entries, sites, traced)
     specs = [_spec(sim, place, q, key) for i, (place, q) in enumerate(entries) for key in keys[i]]
     try:
         typed = onnx.shape_inference.infer_shapes(float_model)  # element types and ranks for the Q/DQ pass

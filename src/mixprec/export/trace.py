@@ -15,8 +15,9 @@ import contextlib
 import io
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
@@ -102,14 +103,32 @@ class MarkerTracing:
 
     def __init__(self, quantizers: Sequence[QuantizerBase]) -> None:
         self.forwards = {i: marked_forward(i) for i in range(len(quantizers))}
+        # indices whose quantizer ran while an exporter traced: a quantizer missing from the graph
+        # that is not here sat on a path the trace did not take (export/coverage.py explains it)
+        self.reached: set[int] = set()
+        # (module, function) -> calls first seen under the trace ("" for calls of the module
+        # itself): the trace took other code paths there, so calls may not line up with sites
+        self.unseen_calls: Counter[tuple[str, str]] = Counter()
 
     def mark(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
         index = q.__dict__.get(MARKER_INDEX)
-        return q(x) if index is None else self.forwards[index](x)
+        if index is None:
+            return q(x)
+        if x.is_floating_point():  # as in the sim, other tensors pass unmarked
+            self.reached.add(index)
+        return self.forwards[index](x)
+
+    def unseen(self, module: str, call: str) -> None:
+        self.unseen_calls[(module, call)] += 1
+
+    def reset(self) -> None:
+        """Forget what an exporter that failed ran: it says nothing about the next one."""
+        self.reached.clear()
+        self.unseen_calls.clear()
 
 
 @contextlib.contextmanager
-def marking(quantizers: Sequence[QuantizerBase], runtime: Any) -> Iterator[None]:
+def marking(quantizers: Sequence[QuantizerBase], runtime: Any) -> Iterator[MarkerTracing]:
     """Make ``quantizers[i]`` emit ``Marker(index=i)`` instead of quantizing, until exit.
 
     ``runtime`` is the sim's ``SimRuntime``: it calls every quantizer through its tracing state, so
@@ -118,11 +137,11 @@ def marking(quantizers: Sequence[QuantizerBase], runtime: Any) -> Iterator[None]
     its own that every quantizer reached the graph.
     """
     previous = runtime.tracing
-    runtime.tracing = MarkerTracing(quantizers)
+    tracing = runtime.tracing = MarkerTracing(quantizers)
     for i, q in enumerate(quantizers):
         q.__dict__[MARKER_INDEX] = i
     try:
-        yield
+        yield tracing
     finally:
         runtime.tracing = previous
         for q in quantizers:
@@ -131,11 +150,21 @@ def marking(quantizers: Sequence[QuantizerBase], runtime: Any) -> Iterator[None]
 
 @dataclass
 class TracedModel:
-    """An ONNX model with markers, and how it was made."""
+    """An ONNX model with markers, and how it was made.
+
+    ``reached``: indices of the quantizers that ran while the exporter that succeeded traced;
+    ``in_program``: for the torch.export-based exporter, the indices whose marker is in the
+    exported program (before ONNX translation and its optimizations), None for TorchScript;
+    ``unseen_calls``: calls the sim's forwards never made, per (module, function) (see
+    :class:`MarkerTracing`).
+    """
 
     model: onnx.ModelProto
     exporter: str  # "dynamo" or "torchscript"
     notes: list[str]
+    reached: frozenset[int] = frozenset()
+    in_program: frozenset[int] | None = None
+    unseen_calls: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def export_with_markers(
@@ -149,11 +178,15 @@ def export_with_markers(
     """Export ``model`` (the sim's) with markers: the torch.export-based exporter first, then the
     legacy TorchScript exporter if that fails (with a note saying why)."""
     _register_onnx_schema()
-    with marking(quantizers, runtime), torch.no_grad():
+    with marking(quantizers, runtime) as tracing, torch.no_grad():
         try:
-            return TracedModel(_export_dynamo(model, args, kwargs, opset), "dynamo", [])
+            proto, in_program = _export_dynamo(model, args, kwargs, opset)
+            return TracedModel(
+                proto, "dynamo", [], frozenset(tracing.reached), in_program, dict(tracing.unseen_calls)
+            )
         except Exception as exc:  # any exporter failure: try the other exporter before giving up
             reason = _reason(exc)
+        tracing.reset()
         try:
             traced = _export_torchscript(model, args, kwargs, min(opset, TORCHSCRIPT_MAX_OPSET))
         except Exception as exc:
@@ -161,7 +194,9 @@ def export_with_markers(
                 f"both ONNX exporters failed; torch.export-based: {reason}; TorchScript: {type(exc).__name__}: {exc}"
             ) from exc
     note = f"the torch.export-based ONNX exporter failed ({reason}); used the legacy TorchScript exporter"
-    return TracedModel(traced, "torchscript", [note])
+    return TracedModel(
+        traced, "torchscript", [note], frozenset(tracing.reached), None, dict(tracing.unseen_calls)
+    )
 
 
 def _reason(exc: Exception) -> str:
@@ -174,7 +209,9 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def _export_dynamo(model: nn.Module, args: tuple, kwargs: dict, opset: int) -> onnx.ModelProto:
+def _export_dynamo(
+    model: nn.Module, args: tuple, kwargs: dict, opset: int
+) -> tuple[onnx.ModelProto, frozenset[int] | None]:
     table = {torch.ops.mixprec.export_marker.default: _marker_translation()}
     # the exporter prints progress lines on stdout; an export call of a library should not
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -188,7 +225,21 @@ def _export_dynamo(model: nn.Module, args: tuple, kwargs: dict, opset: int) -> o
             custom_translation_table=table,
             verbose=False,
         )
-    return program.model_proto
+    return program.model_proto, _program_markers(getattr(program, "exported_program", None))
+
+
+def _program_markers(program: Any) -> frozenset[int] | None:
+    """Marker indices in a torch.export program, including its subgraphs; None if unknown."""
+    if program is None:
+        return None
+    marker = torch.ops.mixprec.export_marker.default
+    found = set()
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in [] if graph is None else graph.nodes:
+            if node.op == "call_function" and node.target is marker:
+                found.add(int(node.args[1]))
+    return frozenset(found)
 
 
 class _KeywordCall(nn.Module):

@@ -77,6 +77,9 @@ class Tracing(Protocol):
 
     def mark(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
 
+    def unseen(self, module: str, call: str) -> None:
+        """A call the sim's forwards never made ran under the trace (it runs unquantized)."""
+
 
 class SiteFactory(Protocol):
     """Creates the quantizers of a call site first seen at run time (implemented by the sim)."""
@@ -218,6 +221,8 @@ class SimRuntime:
         if self.tracing is not None or torch.compiler.is_compiling():
             # export checks on its own which quantizers reached the graph; under torch.compile no
             # quantizer can be created inside the trace (libraries build masks differently there)
+            if self.tracing is not None:
+                self.tracing.unseen(key[0], key[1])
             return output
         name = f"{key[0]}.{key[1]}" if key[0] else key[1]
         self._check_can_grow(f"function call {name} (call {key[2]} in its module)")
@@ -240,6 +245,7 @@ class SimRuntime:
         module = wrapper.module
         output = wrapper.original(*args, **kwargs)
         if self.tracing is not None:
+            self.tracing.unseen(wrapper.name, "")
             return output
         label = wrapper.name if index == 0 else f"{wrapper.name}#{index}"
         self._check_can_grow(f"module {label} ({type(module).__name__})")

@@ -1,0 +1,70 @@
+"""Export errors for quantizers the exported graph lacks say why: a path the exporter's trace did
+not take, or a value the exporter left out (docs/export.md, "Coverage check")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixprec import ExportCoverageError, ExportError, QuantizationSimModel
+from mixprec.export import trace as onnx_trace
+from mixprec.export.missing import compact
+
+from .models import build
+
+
+def _calibrated(name: str, *inputs: tuple) -> QuantizationSimModel:
+    model, example = build(name)
+    sim = QuantizationSimModel(model, dummy_input=example, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: [m(*args) for args in inputs or [(example,)]], None)
+    return sim
+
+
+def test_loop_iterations_the_export_trace_skips_are_named_as_not_traced(tmp_path: Path) -> None:
+    # built and calibrated with 3 iterations (RAFT's recurrent updates), exported with 1
+    sim = _calibrated("looped")
+    x = torch.randn(2, 6)
+    with pytest.raises(ExportCoverageError) as info:
+        sim.export(tmp_path, "m", dummy_input=(x, 1))
+    err = info.value
+    assert set(err.not_traced) == {"fc#1", "fc#2", "tanh_1", "tanh_2", "add_1", "add_2"}
+    assert err.removed == ()
+    message = str(err)
+    assert "did not run while the exporter traced the model" in message
+    assert "'fc#1,#2'" in message and "dummy_input that takes this path" in message
+    assert "bug" not in message
+    assert list(tmp_path.iterdir()) == []
+    # the same sim exports completely with inputs that take every path
+    result = sim.export(tmp_path, "m", dummy_input=(x, 3))
+    assert result.covered == result.quantizers
+
+
+def test_value_only_python_reads_is_named_as_removed_by_torch_export(tmp_path: Path) -> None:
+    sim = _calibrated("side_value")
+    with pytest.raises(ExportCoverageError) as info:
+        sim.export(tmp_path, "m", dummy_input=torch.randn(2, 6))
+    err = info.value
+    assert err.not_traced == () and set(err.removed) == {"aux", "tanh"}
+    assert "torch.export left their values out of the program" in str(err)
+    assert "activation='fp32'" in str(err)
+
+
+def test_value_removed_by_torchscript_trace_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("forced failure")
+
+    monkeypatch.setattr(onnx_trace, "_export_dynamo", fail)
+    sim = _calibrated("side_value")
+    with pytest.warns(UserWarning, match="legacy TorchScript"), pytest.raises(ExportError) as info:
+        sim.export(tmp_path, "m", dummy_input=torch.randn(2, 6))
+    assert isinstance(info.value, ExportCoverageError)
+    assert set(info.value.removed) == {"aux", "tanh"}
+    assert "TorchScript trace, but the traced graph does not use their values" in str(info.value)
+
+
+def test_compact_merges_calls_of_one_module_and_counts_the_rest() -> None:
+    assert compact(["a.conv#1", "a.conv#2", "relu", "b#1"]) == "'a.conv#1,#2', 'relu', 'b#1'"
+    many = [f"layer{i}" for i in range(15)]
+    assert compact(many).endswith("'layer11' and 3 more")
