@@ -208,3 +208,33 @@ def test_compiled_sim_traces_one_graph_and_matches_eager():
         compiled = torch.compile(sim.model, fullgraph=True, backend="aot_eager")(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     assert torch.allclose(compiled, eager, atol=1e-6)
+
+
+class TransientActivation(nn.Module):
+    """Creates its activation module in the forward (as transformers' ``ACT2FN[...]`` does): a
+    module of no sim, whose functional call comes before another call of the same function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.fc(x).chunk(2, dim=-1)
+        return nn.SiLU()(a) * torch.nn.functional.silu(gate)
+
+
+def test_calls_inside_activations_created_in_the_forward_line_up_with_their_sites():
+    # Mamba: capture saw the transient activation's silu as call 0 and the gate's as call 1; the
+    # runtime used to skip the former, so the gate took call 0's quantizer and call 1 never ran.
+    x = torch.randn(3, 6)
+    sim = QuantizationSimModel(TransientActivation().eval(), dummy_input=x)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    names = [layer.name for layer in sim.graph.layers]
+    assert "silu" in names and "silu_1" in names
+    assert all(q.is_initialized() for _, q in sim.quantizers())
+    silu_a = dict((sim.describe(p), q) for p, q in sim.quantizers())["silu output 0"]
+    with torch.no_grad():
+        a = sim.model.fc(x).chunk(2, dim=-1)[0]
+    assert silu_a.get_encoding().max.item() == pytest.approx(
+        torch.nn.functional.silu(a).max().item(), rel=0.02
+    )
