@@ -10,9 +10,13 @@ Written by `python benchmarks/zoo.py` (do not edit by hand; rerun before each re
 Each model runs in its own process with random weights (BatchNorm statistics re-estimated on
 random data), tiny configs for transformers, small inputs. Stages: **build** (sim at w8a8),
 **mixed** (int16 activations on one layer type through `MixedPrecisionConfigurator`),
-**calibrate** (SQNR of the sim's outputs vs the float model, worst output), **other shapes**
-(the sim on other batch/sequence/image sizes, SQNR vs float), **export** (quantizers covered by
-the exported files / quantizers in the sim), **ORT** (onnxruntime on the QDQ model vs the sim,
+**calibrate** (`compute_encodings` on the export input and on the other shapes' input, as a user
+calibrates with data covering the shapes they run: layers that run only at some shapes get
+encodings; SQNR of the sim's outputs vs the float model, worst output), **other shapes** (the
+sim on other batch/sequence/image sizes, SQNR vs float), **export** (quantizers covered by the
+exported files / quantizers in the sim; an export has the static shapes of its input, so a sim
+with call sites per sequence position, as Mamba's reference scan has, exports them only up to
+the input's length: Mamba's other shapes are shorter than its export input), **ORT** (onnxruntime on the QDQ model vs the sim,
 SQNR of the worst output; 40 dB or more is agreement; in parentheses the sim against itself on
 the input perturbed by 1e-6 or with PyTorch's other convolution kernels, whichever is worse: the
 best agreement the model allows, see docs/export.md), and the

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from mixprec import ExportCoverageError, ExportError, QuantizationSimModel
+from mixprec import (
+    EncodingNotComputedError,
+    ExportCoverageError,
+    ExportError,
+    MixedPrecisionConfigurator,
+    QuantizationSimModel,
+)
 from mixprec.export import trace as onnx_trace
 from mixprec.export.missing import compact
 
@@ -30,7 +37,7 @@ def test_loop_iterations_the_export_trace_skips_are_named_as_not_traced(tmp_path
         sim.export(tmp_path, "m", dummy_input=(x, 1))
     err = info.value
     assert set(err.not_traced) == {"fc#1", "fc#2", "tanh_1", "tanh_2", "add_1", "add_2"}
-    assert err.removed == ()
+    assert err.removed == err.misaligned == ()
     message = str(err)
     assert "did not run while the exporter traced the model" in message
     assert "'fc#1,#2'" in message and "dummy_input that takes this path" in message
@@ -48,7 +55,13 @@ def test_value_only_python_reads_is_named_as_removed_by_torch_export(tmp_path: P
     err = info.value
     assert err.not_traced == () and set(err.removed) == {"aux", "tanh"}
     assert "torch.export left their values out of the program" in str(err)
-    assert "activation='fp32'" in str(err)
+    # the advice works: those layers in float, the export covers every quantizer left
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision("aux", activation="fp32", param={"weight": "fp32"})
+    mp.set_precision("tanh", activation="fp32")
+    mp.apply(log_file=None)
+    result = sim.export(tmp_path, "m", dummy_input=torch.randn(2, 6))
+    assert result.covered == result.quantizers == 2
 
 
 def test_value_removed_by_torchscript_trace_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,3 +81,39 @@ def test_compact_merges_calls_of_one_module_and_counts_the_rest() -> None:
     assert compact(["a.conv#1", "a.conv#2", "relu", "b#1"]) == "'a.conv#1,#2', 'relu', 'b#1'"
     many = [f"layer{i}" for i in range(15)]
     assert compact(many).endswith("'layer11' and 3 more")
+
+
+class TracedBranch(nn.Module):
+    """Makes one more ``add`` (of integers) when traced, before its quantized one: transformers'
+    mask code under torch.export (BART's decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            torch.arange(x.shape[-1]) + 1  # noqa: B018 (the call is the point)
+        return self.fc(x) + x
+
+
+def test_calls_that_differ_under_the_trace_are_named(tmp_path: Path) -> None:
+    x = torch.randn(2, 6)
+    sim = QuantizationSimModel(TracedBranch().eval(), dummy_input=x, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: m(x), None)
+    with pytest.raises(ExportCoverageError) as info:
+        sim.export(tmp_path, "m", dummy_input=x)
+    assert info.value.misaligned == ("add",) and info.value.not_traced == info.value.removed == ()
+    assert "(1 more calls of add in 'the model')" in str(info.value)
+    assert "did not line up with the exporter's trace" in str(info.value)
+
+
+def test_layers_first_run_after_calibration_ask_for_data_that_reaches_them(tmp_path: Path) -> None:
+    sim = _calibrated("looped")  # 3 iterations
+    x = torch.randn(2, 6)
+    with torch.no_grad(), pytest.raises(EncodingNotComputedError):
+        sim.model(x, 4)  # a 4th iteration, first seen after calibration: its layers get no encoding
+    with pytest.raises(
+        ExportError, match=r"'fc#3 output 0'.*did not run during compute_encodings.*reaches them"
+    ):
+        sim.export(tmp_path, "m", dummy_input=(x, 4))

@@ -47,12 +47,21 @@ class ExportCoverageError(ExportError):
             (a path the trace did not take: a loop count, a branch on values, detections).
         removed: layers whose quantizers ran during the trace but whose values the exporter left
             out of the graph (used in Python only, folded into a constant, or removed by ONNX passes).
+        misaligned: layers whose calls did not line up with the trace's (libraries that take
+            other code paths when traced make other calls before them).
     """
 
-    def __init__(self, message: str, not_traced: tuple[str, ...] = (), removed: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        not_traced: tuple[str, ...] = (),
+        removed: tuple[str, ...] = (),
+        misaligned: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.not_traced = not_traced
         self.removed = removed
+        self.misaligned = misaligned
 
 
 class ProfileError(MixprecError, ValueError):

@@ -253,22 +253,30 @@ def _check_target(folder: Path, prefix: str) -> Path:
 
 def _check_encodings(entries: list[tuple[Place, QuantizerBase]], empty: list[str]) -> None:
     missing = [q.label for _, q in entries if q.needs_encoding and not q.is_initialized()]
-    if missing:
-        starved = [m for m in missing if m in empty]
+    if not missing:
+        return
+    starved = [m for m in missing if m in empty]
+    calibrated = any(q.needs_encoding and q.is_initialized() for _, q in entries)
+    if starved:
         why = (
             f"{len(starved)} of them saw only empty tensors during calibration (sim.empty_at_calibration): "
             "calibrate with data that reaches those layers (a detector that detects something), or "
-            if starved
-            else ""
         )
-        shown = ", ".join(repr(m) for m in missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    elif calibrated:  # the others have encodings: these layers were off the calibration data's path
+        why = (
+            "their layers did not run during compute_encodings (a path the calibration data did not take, "
+            "or first run after it, e.g. on inputs of other shapes): "
+            "run sim.compute_encodings(forward_pass_callback, args) with data that reaches them, or "
         )
-        raise ExportError(
-            f"cannot export: {len(missing)} of {len(entries)} quantizers have no encoding ({shown}); {why}"
-            "call sim.compute_encodings(forward_pass_callback, args) or sim.load_encodings(path) first. "
-            "Nothing was written"
-        )
+    else:
+        why = "call sim.compute_encodings(forward_pass_callback, args) or "
+    shown = ", ".join(repr(m) for m in missing[:5]) + (
+        f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    )
+    raise ExportError(
+        f"cannot export: {len(missing)} of {len(entries)} quantizers have no encoding ({shown}); {why}"
+        "sim.load_encodings(path) first. Nothing was written"
+    )
 
 
 def _default_dummy_input(sim: PrecisionState) -> tuple[tuple, dict]:

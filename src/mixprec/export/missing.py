@@ -23,40 +23,46 @@ from mixprec.sim.state import PrecisionState
 SHOWN = 12  # layer groups named per cause; the error's attributes list all
 
 
+FLOAT = (
+    "MixedPrecisionConfigurator.set_precision(layer, activation='fp32'), with "
+    "param={'weight': 'fp32'} for layers with weights"
+)
+
+
 class MissingCause(enum.Enum):
     """Why a quantizer left no marker in the exported graph."""
 
     CALLS_DIFFER = (
-        "did not line up with the exporter's trace: in their modules the trace made calls the "
-        "sim's forwards never made ({calls}), as libraries take other code paths when traced "
-        "(transformers builds attention masks with other ops). mixprec tells calls of a function "
-        "apart by their order in the module, so the trace's calls got other sites, and those first "
-        "seen under the trace ran unquantized. The sim is unaffected; to export, set these layers to "
-        "float (MixedPrecisionConfigurator.set_precision(layer, activation='fp32')), and report the model"
+        "did not line up with the exporter's trace: in their modules the trace made calls the sim's "
+        "forwards never made ({calls}), as libraries take other code paths when traced (transformers "
+        "builds attention masks with other ops; torchvision's detection code takes its tracing "
+        "branches). mixprec tells calls of a function apart by their order in the module, so the "
+        "trace's calls got other sites, and those first seen under the trace ran unquantized. The "
+        f"sim is unaffected; to export, set these layers to float ({FLOAT}), and report the model"
     )
     NOT_TRACED = (
         "did not run while the exporter traced the model: the trace took another path than the "
-        "forwards that created and calibrated them (data-dependent control flow: a loop count, a "
-        "branch on tensor values, a number of detections). Export with a dummy_input that takes this "
-        "path, or set these layers to float if the exported model need not quantize them "
-        "(MixedPrecisionConfigurator.set_precision(layer, activation='fp32'))"
+        "forwards that created and calibrated them (data-dependent control flow: a loop count or a "
+        "sequence length, a branch on tensor values, a number of detections; or library code that "
+        "branches when traced). Export with a dummy_input that takes this path (an exported graph "
+        "has the static shapes of its input), or set these layers to float if the exported model "
+        f"need not quantize them ({FLOAT})"
     )
     REMOVED_BY_TORCH_EXPORT = (
         "ran during the trace, but torch.export left their values out of the program: nothing the "
         "model returns is computed from them (they are used in Python only, e.g. by .item(), "
         ".tolist() or as a size, or were folded into constants), so the graph has no tensor to "
-        "quantize. Set these layers to float (set_precision(layer, activation='fp32')) to export"
+        f"quantize. Set these layers to float to export ({FLOAT})"
     )
     REMOVED_IN_ONNX = (
         "were in the torch.export program, but its translation to ONNX removed them (constant "
         "folding or dead-code elimination of the ONNX passes, or an op decomposed around them). "
-        "Set these layers to float (set_precision(layer, activation='fp32')) to export, and report "
-        "the model"
+        f"Set these layers to float to export ({FLOAT}), and report the model"
     )
     REMOVED_BY_TORCHSCRIPT = (
         "ran during the TorchScript trace, but the traced graph does not use their values (they "
         "are used in Python only, e.g. by .item() or as a size, or were folded into constants). "
-        "Set these layers to float (set_precision(layer, activation='fp32')) to export"
+        f"Set these layers to float to export ({FLOAT})"
     )
 
 
@@ -103,13 +109,14 @@ def missing_error(
         for (module, fn), n in calls.items()
     )
     for cause, layers in by_cause.items():
-        why = cause.value.format(calls=extra)
+        why = cause.value.replace("{calls}", extra)
         parts.append(f"- {counts[cause]} quantizers of {len(layers)} layers ({compact(layers)}) {why}.")
     parts.append("Nothing was written.")
     return ExportCoverageError(
         "\n".join(parts),
         not_traced=tuple(by_cause.get(MissingCause.NOT_TRACED, ())),
-        removed=tuple(n for c, names in by_cause.items() if c is not MissingCause.NOT_TRACED for n in names),
+        removed=tuple(n for c, names in by_cause.items() if c.name.startswith("REMOVED") for n in names),
+        misaligned=tuple(by_cause.get(MissingCause.CALLS_DIFFER, ())),
     )
 
 
