@@ -151,3 +151,30 @@ def test_linear_type_target_matches_gpt2_conv1d():
             next(p for p in sim.places() if p.layer == layer.index and p.kind.value == "param")
         )
         assert q.precision.name == "int16", name
+
+
+def test_report_lists_layers_that_saw_only_empty_tensors(tmp_path):
+    from mixprec import MixedPrecisionConfigurator
+    from mixprec.report.build import empty_rows
+
+    model = EmptyBranch().eval()
+    x = EmptyBranch.example_input()
+    sim = QuantizationSimModel(model, x)
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision(sim.model.fc, activation="int16")
+    report = mp.apply(log_file=None)
+    assert report.empty_at_calibration == []  # not calibrated yet
+    with pytest.warns(UserWarning, match="only empty tensors"):
+        sim.compute_encodings(lambda m, _: m(x), None)
+    report.note_calibration(empty_rows(sim))
+    rows = report.to_dict()["empty_at_calibration"]
+    assert {"layer": "mul", "quantizer": "mul output 0"} in rows
+    assert {r["quantizer"] for r in rows} == set(sim.empty_at_calibration)
+    assert "Layers that saw only empty tensors during calibration (no encoding): " in report.to_text()
+    assert "  mul: mul output 0\n" in report.to_text()
+    page = report.to_html(tmp_path / "r.html").read_text()
+    assert 'id="empty-at-calibration"' in page and "<code>mul</code>" in page
+    # a report built after calibration has them from the start
+    again = MixedPrecisionConfigurator(sim)
+    again.set_precision(sim.model.fc, activation="int16")
+    assert again.preview().empty_at_calibration == rows

@@ -32,6 +32,7 @@ from mixprec.errors import MixprecError
 from mixprec.mixed.configurator import MixedPrecisionConfigurator
 from mixprec.mixed.profile import Profile, load_profile
 from mixprec.quantsim import QuantizationSimModel
+from mixprec.report.build import empty_rows
 from mixprec.report.html import write_html
 from mixprec.report.model import MixedPrecisionReport
 from mixprec.sim.placement import PlaceKind
@@ -194,6 +195,7 @@ def demo(
     mp.to_profile(out / "profile.yaml")  # the same requests as a file to edit and replay with `apply`
     report = mp.apply(log_file=out / "mmp_log.txt", strict=True)
     calibrate(sim, loaded.dummy_input, batches)
+    report.note_calibration(empty_rows(sim))
     files = write_outputs(report, out, f"mixprec demo: {loaded.name}")
     _summary(f"demo ({loaded.name})", sim, report, [*files, out / "profile.yaml"])
 
@@ -266,6 +268,7 @@ def apply(
         log_file=out / "mmp_log.txt", strict=loaded_profile.strict if strict is None else strict
     )
     calibrate(sim, loaded.dummy_input, batches)
+    report.note_calibration(empty_rows(sim))
     files = write_outputs(report, out, f"mixprec: {loaded.name} with {profile.name}")
     if export:
         name = prefix or re.sub(r"\W+", "_", loaded.name)

@@ -41,6 +41,18 @@ def _why(sim: PrecisionState, claim: Claim) -> str:
     return claim.reason.value
 
 
+def empty_rows(sim: PrecisionState) -> list[dict[str, Any]]:
+    """One row (``layer``, ``quantizer``) per quantizer listed in ``sim.empty_at_calibration``."""
+    empty = set(getattr(sim, "empty_at_calibration", ()))
+    rows = []
+    for place, q in sim.quantizers():
+        label = q.label or sim.describe(place)
+        if label in empty:
+            layer = "model input" if place.layer is None else sim.graph.layers[place.layer].name
+            rows.append({"layer": layer, "quantizer": label})
+    return rows
+
+
 def build_report(
     sim: PrecisionState, plan: Plan, planned: PlannedState, *, applied: bool, strict: bool
 ) -> MixedPrecisionReport:
@@ -71,6 +83,7 @@ def build_report(
         )
         if r.kind is RequestKind.LAYER and not r.layers:
             report.unmatched.append({"id": r.id, "target": r.target, "location": r.location})
+    report.empty_at_calibration = empty_rows(sim)
     report.before_preprocessing = [_lr_row(sim, lr) for lr in plan.expanded]
     for r in plan.requests:
         if r.kind is not RequestKind.LAYER:

@@ -279,5 +279,8 @@ def _other_sections(data: dict[str, Any]) -> str:
         ("kernels", "Backend kernel findings", ["Layer", "Op type", "Activation", "Weight", "Supported"],
          [[_e(k["layer"]), _e(k["op_type"]), _chip(k["activation"]), _chip(k["param"]), _e(", ".join(k["supported"]))]
           for k in data["kernel_findings"]]),
+        ("empty-at-calibration", "Layers that saw only empty tensors during calibration (no encoding)",
+         ["Layer", "Quantizer"],
+         [[f"<code>{_e(r['layer'])}</code>", _e(r["quantizer"])] for r in data.get("empty_at_calibration", [])]),
     ]  # fmt: skip
     return "\n".join(_table(sid, title, cols, rows, "None.") for sid, title, cols, rows in sections)

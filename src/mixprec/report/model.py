@@ -24,6 +24,7 @@ REPORT_KEYS = (
     "shadowed",
     "conflicts",
     "kernel_findings",
+    "empty_at_calibration",
     "requested_layers",
     "precision_changes",
     "precision_change_count",
@@ -49,6 +50,8 @@ class MixedPrecisionReport:
     shadowed: list[dict[str, Any]] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     kernel_findings: list[dict[str, Any]] = field(default_factory=list)
+    # quantizers that saw only empty tensors in the last compute_encodings (sim.empty_at_calibration)
+    empty_at_calibration: list[dict[str, Any]] = field(default_factory=list)
     requested_layers: list[dict[str, Any]] = field(default_factory=list)
     precision_changes: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)  # every compute layer after the plan
@@ -74,6 +77,9 @@ class MixedPrecisionReport:
         - ``conflicts``: ``quantizer``, ``winner``, ``winner_precision``, ``winner_layer``, ``loser``,
           ``loser_precision``, ``loser_layer``, ``loser_direct``.
         - ``kernel_findings``: ``layer``, ``op_type``, ``activation``, ``param``, ``supported``.
+        - ``empty_at_calibration``: quantizers that saw only empty tensors in the sim's last
+          ``compute_encodings`` (no encoding; a detector that detected nothing): ``layer``,
+          ``quantizer``. Filled when the report is built, and by ``note_calibration`` after it.
         - ``requested_layers``: each requested layer as realized: ``layer``, ``request``, ``asked``
           (``inputs``, ``output``, ``params``), ``reads`` (per input), ``computes``, ``params``,
           ``emits`` (per output), ``why`` (a sentence for each way it differs from ``asked``).
@@ -126,6 +132,12 @@ class MixedPrecisionReport:
                  lambda r: f"[{r['id']}] {r['target']}: every layer taken by request(s) {r['by']}")  # fmt: skip
         _lines(out, "Conflicts (the later request won)", self.conflict_lines())
         _lines(out, "Backend kernel findings", self.kernel_lines())
+        _section(
+            out,
+            "Layers that saw only empty tensors during calibration (no encoding)",
+            self.empty_at_calibration,
+            lambda r: f"{r['layer']}: {r['quantizer']}",
+        )
         out.write(f"\nRequested layers as realized: {len(self.requested_layers)}\n")
         for r in self.requested_layers:
             params = ", ".join(f"{k}: {v or '-'}" for k, v in r["params"].items()) or "-"
@@ -143,6 +155,11 @@ class MixedPrecisionReport:
                 f"  {c['layer']} ({c['type']}): reads {_fmt(c['inputs'])}, emits {_fmt(c['outputs'])}\n"
             )
         return out.getvalue()
+
+    def note_calibration(self, rows: list[dict[str, Any]]) -> None:
+        """Record the layers a later ``compute_encodings`` left without encoding (see
+        ``mixprec.report.build.empty_rows``), so the report written after calibration lists them."""
+        self.empty_at_calibration = list(rows)
 
     def conflict_lines(self, direct_only: bool = False) -> list[str]:
         """One line per lost conflict: the quantizer, both requests (what, where) and the layers."""
