@@ -155,11 +155,14 @@ def layer_templates(
     folded: bool = False,
     forced_outputs: frozenset[int] | set[int] = frozenset(),
     integer: frozenset[int] | set[int] = frozenset(),
+    unread: frozenset[int] | set[int] = frozenset(),
 ) -> tuple[list[SlotTemplate | None], list[SlotTemplate | None], dict[str, SlotTemplate]]:
     """The templates of one layer's input slots, output slots and parameters (by name).
 
     ``integer``: tensors holding counts, indices or booleans (``capture.value_kinds``), which get
-    no quantizer.
+    no quantizer. ``unread``: outputs no layer reads and the model does not return; their places
+    start unquantized (nothing computed from them, and no exported graph keeps them: torchvision's
+    RAFT divides coordinates once more after its last pyramid level).
     """
     if layer.data_movement:
         return [None] * len(layer.inputs), [None] * len(layer.outputs), {}
@@ -179,7 +182,9 @@ def layer_templates(
         if not is_float or tid in integer:
             outs.append(None)
             continue
-        on = (config.is_output_quantized(layer.op_type) and not fused) or tid in forced_outputs
+        on = (
+            config.is_output_quantized(layer.op_type) and not fused and tid not in unread
+        ) or tid in forced_outputs
         outs.append(SlotTemplate(settings, activation if on else None))
     params = {}
     for name, ref in layer.params.items():
@@ -213,6 +218,11 @@ def place_quantizers(
     outputs: list[list[SlotTemplate | None]] = []
     params: dict[int, SlotTemplate] = {}
     integer = integer_valued_tensors(graph)  # counts, indices, booleans: never quantized
+    unread = {
+        t.id
+        for t in graph.tensors.values()
+        if t.producer is not None and not t.consumers and t.id not in model_outputs
+    }
     for layer in graph.layers:
         module = modules.get(layer.module_name) if layer.is_module else None
         ins, outs, layer_params = layer_templates(
@@ -225,6 +235,7 @@ def place_quantizers(
             folded=layer.index in folded,
             forced_outputs=forced,
             integer=integer,
+            unread=unread,
         )
         inputs.append(ins)
         outputs.append(outs)
