@@ -277,27 +277,8 @@ class Looped(nn.Module):
         return torch.randn(2, 6)
 
 
-class SideValue(nn.Module):
-    """Computes a quantized value that only Python reads (its size): no output depends on it, so
-    exporters leave it out of the graph."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.aux = nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        width = torch.tanh(self.aux(x)).shape[-1]
-        return self.fc(x)[..., :width]
-
-    @staticmethod
-    def example_input() -> torch.Tensor:
-        return torch.randn(2, 6)
-
-
 TINY_MODELS["branchy"] = Branchy
 TINY_MODELS["looped"] = Looped
-TINY_MODELS["side_value"] = SideValue
 
 
 def tiny_mixtral():

@@ -22,8 +22,27 @@ from mixprec.export.missing import compact
 from .models import build
 
 
+class SideValue(nn.Module):
+    """Computes a quantized value that only Python reads (its size): no output depends on it, so
+    exporters leave it out of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.aux = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = torch.tanh(self.aux(x)).shape[-1]
+        return self.fc(x)[..., :width]
+
+
+def _side_value() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return SideValue().eval(), torch.randn(2, 6)
+
+
 def _calibrated(name: str, *inputs: tuple) -> QuantizationSimModel:
-    model, example = build(name)
+    model, example = _side_value() if name == "side_value" else build(name)
     sim = QuantizationSimModel(model, dummy_input=example, quant_scheme="tf")
     sim.compute_encodings(lambda m, _: [m(*args) for args in inputs or [(example,)]], None)
     return sim
@@ -132,7 +151,7 @@ def test_layers_first_run_after_calibration_ask_for_data_that_reaches_them(tmp_p
 
 
 def test_outputs_no_layer_reads_start_unquantized() -> None:
-    model, example = build("side_value")
+    model, example = _side_value()
     sim = QuantizationSimModel(model, dummy_input=example)
     labels = {q.label for _, q in sim.quantizers()}
     assert "tanh output 0" not in labels and "aux output 0" in labels
