@@ -36,9 +36,9 @@ class MissingCause(enum.Enum):
         "did not line up with the exporter's trace: in their modules the trace made calls the sim's "
         "forwards never made ({calls}), as libraries take other code paths when traced (transformers "
         "builds attention masks with other ops; torchvision's detection code takes its tracing "
-        "branches). mixprec tells calls of a function on float tensors apart by their order in the "
-        "module, so the trace's calls got other sites, and those first seen under the trace ran "
-        f"unquantized. The sim is unaffected; to export, set these layers to float ({FLOAT}), and report the model"
+        "branches). mixprec tells calls of a function apart by their order in the module, so the "
+        "trace's calls got other sites, and those first seen under the trace ran unquantized. The "
+        f"sim is unaffected; to export, set these layers to float ({FLOAT}), and report the model"
     )
     NOT_TRACED = (
         "did not run while the exporter traced the model: the trace took another path than the "
