@@ -148,9 +148,7 @@ def export_sim(
     args, kwargs = _default_dummy_input(sim) if dummy_input is None else split_dummy_input(dummy_input)
 
     try:
-        traced = export_with_markers(
-            sim.model, args, kwargs, [q for _, q in entries], opset, sim.runtime, sim.graph
-        )
+        traced = export_with_markers(sim.model, args, kwargs, [q for _, q in entries], opset, sim.runtime)
     except RuntimeError as exc:
         raise ExportError(f"could not export {type(sim.model).__name__} to ONNX: {exc}") from exc
     for note in traced.notes:

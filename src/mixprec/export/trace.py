@@ -23,7 +23,6 @@ from typing import Any
 import onnx
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from mixprec.quant.quantizers import QuantizerBase
 
@@ -100,33 +99,16 @@ MARKER_INDEX = "_mixprec_marker_index"
 
 
 class MarkerTracing:
-    """The runtime's tracing state during export: quantizer ``quantizers[i]`` becomes ``Marker(i)``.
+    """The runtime's tracing state during export: quantizer ``quantizers[i]`` becomes ``Marker(i)``."""
 
-    Call sites are told apart by their order among the calls of one function in one module. Traced,
-    libraries make calls eager forwards do not (transformers builds attention masks from integer
-    ``add``s under torch.export), which would shift every later call onto another site. So under
-    the trace, calls on float tensors and calls on none are counted apart and matched to the
-    sim's sites of the same kind, in order (``lanes``, from the sim's graph): extra integer calls
-    no longer move the float ones. Extra float calls still do; export then names the layers.
-    """
-
-    def __init__(self, quantizers: Sequence[QuantizerBase], graph: Any = None) -> None:
+    def __init__(self, quantizers: Sequence[QuantizerBase]) -> None:
         self.forwards = {i: marked_forward(i) for i in range(len(quantizers))}
-        # (module, function, reads a float tensor) -> the sim's ordinals of such calls, in order
-        self.lanes: dict[tuple[str, str, bool], list[int]] = {}
-        for layer in [] if graph is None else graph.layers:
-            if not layer.is_module:
-                lane = (layer.module_name, layer.type_name, any(layer.input_is_float))
-                self.lanes.setdefault(lane, []).append(layer.call_index)
-        for ordinals in self.lanes.values():
-            ordinals.sort()
         # indices whose quantizer ran while an exporter traced: a quantizer missing from the graph
         # that is not here sat on a path the trace did not take (export/coverage.py explains it)
         self.reached: set[int] = set()
         # (module, function) -> calls first seen under the trace ("" for calls of the module
         # itself): the trace took other code paths there, so calls may not line up with sites
         self.unseen_calls: Counter[tuple[str, str]] = Counter()
-        self.overflow: Counter[tuple[str, str]] = Counter()
 
     def mark(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
         index = q.__dict__.get(MARKER_INDEX)
@@ -139,32 +121,14 @@ class MarkerTracing:
     def unseen(self, module: str, call: str) -> None:
         self.unseen_calls[(module, call)] += 1
 
-    def ordinal(self, scope: str, canonical: str, args: tuple, kwargs: dict, counts: dict) -> int | None:
-        if not self.lanes:
-            return None
-        reads_float = any(
-            isinstance(t, torch.Tensor) and t.is_floating_point() for t in pytree.tree_leaves((args, kwargs))
-        )
-        lane = (scope, canonical, reads_float)
-        k = counts.get(lane, 0)  # the forward's counters, keyed apart from the eager ones
-        counts[lane] = k + 1
-        ordinals = self.lanes.get(lane, [])
-        if k < len(ordinals):
-            return ordinals[k]
-        if reads_float and ordinals:
-            # more float calls than the sim made: some may have taken the sites of others
-            self.overflow[(scope, canonical)] += 1
-        return -1 - k  # an ordinal no site has: the call runs unquantized, reported as unseen
-
     def reset(self) -> None:
         """Forget what an exporter that failed ran: it says nothing about the next one."""
         self.reached.clear()
         self.unseen_calls.clear()
-        self.overflow.clear()
 
 
 @contextlib.contextmanager
-def marking(quantizers: Sequence[QuantizerBase], runtime: Any, graph: Any = None) -> Iterator[MarkerTracing]:
+def marking(quantizers: Sequence[QuantizerBase], runtime: Any) -> Iterator[MarkerTracing]:
     """Make ``quantizers[i]`` emit ``Marker(index=i)`` instead of quantizing, until exit.
 
     ``runtime`` is the sim's ``SimRuntime``: it calls every quantizer through its tracing state, so
@@ -173,7 +137,7 @@ def marking(quantizers: Sequence[QuantizerBase], runtime: Any, graph: Any = None
     its own that every quantizer reached the graph.
     """
     previous = runtime.tracing
-    tracing = runtime.tracing = MarkerTracing(quantizers, graph)
+    tracing = runtime.tracing = MarkerTracing(quantizers)
     for i, q in enumerate(quantizers):
         q.__dict__[MARKER_INDEX] = i
     try:
@@ -210,17 +174,15 @@ def export_with_markers(
     quantizers: Sequence[QuantizerBase],
     opset: int,
     runtime: Any = None,
-    graph: Any = None,
 ) -> TracedModel:
     """Export ``model`` (the sim's) with markers: the torch.export-based exporter first, then the
     legacy TorchScript exporter if that fails (with a note saying why)."""
     _register_onnx_schema()
-    with marking(quantizers, runtime, graph) as tracing, torch.no_grad():
+    with marking(quantizers, runtime) as tracing, torch.no_grad():
         try:
             proto, in_program = _export_dynamo(model, args, kwargs, opset)
-            notes = _overflow_notes(tracing)
             return TracedModel(
-                proto, "dynamo", notes, frozenset(tracing.reached), in_program, dict(tracing.unseen_calls)
+                proto, "dynamo", [], frozenset(tracing.reached), in_program, dict(tracing.unseen_calls)
             )
         except Exception as exc:  # any exporter failure: try the other exporter before giving up
             reason = _reason(exc)
@@ -232,21 +194,9 @@ def export_with_markers(
                 f"both ONNX exporters failed; torch.export-based: {reason}; TorchScript: {type(exc).__name__}: {exc}"
             ) from exc
     note = f"the torch.export-based ONNX exporter failed ({reason}); used the legacy TorchScript exporter"
-    notes = [note, *_overflow_notes(tracing)]
     return TracedModel(
-        traced, "torchscript", notes, frozenset(tracing.reached), None, dict(tracing.unseen_calls)
+        traced, "torchscript", [note], frozenset(tracing.reached), None, dict(tracing.unseen_calls)
     )
-
-
-def _overflow_notes(tracing: MarkerTracing) -> list[str]:
-    """A note per module where the trace made more float calls of a function than the sim did."""
-    return [
-        f"the exporter's trace made {n} more {fn} call(s) on float tensors in {module or 'the model'!r} "
-        f"than the sim's forwards (another code path when traced): the quantizers of those {fn} calls "
-        "may sit on other tensors in the exported graph than in the sim; compare the QDQ model's "
-        "outputs with the sim's"
-        for (module, fn), n in tracing.overflow.items()
-    ]
 
 
 def _reason(exc: Exception) -> str:

@@ -80,9 +80,6 @@ class Tracing(Protocol):
     def unseen(self, module: str, call: str) -> None:
         """A call the sim's forwards never made ran under the trace (it runs unquantized)."""
 
-    def ordinal(self, scope: str, canonical: str, args: tuple, kwargs: dict, counts: dict) -> int | None:
-        """The site ordinal of a functional call under the trace (None: the eager ordinal)."""
-
 
 class SiteFactory(Protocol):
     """Creates the quantizers of a call site first seen at run time (implemented by the sim)."""
@@ -335,9 +332,6 @@ class QuantizationMode(TorchFunctionMode):
         counter = (scope, canonical)
         ordinal = st.counts.get(counter, 0)
         st.counts[counter] = ordinal + 1
-        if rt.tracing is not None:  # libraries make other calls when traced: see export/trace.py
-            traced = rt.tracing.ordinal(scope, canonical, args, kwargs, st.counts)
-            ordinal = ordinal if traced is None else traced
         key = (scope, canonical, ordinal)
         site = rt.sites.get(key, MISSING)
         if site is None:
