@@ -18,6 +18,7 @@ ones at run time gives the same ordinals.
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Callable
 
 import torch
@@ -30,11 +31,30 @@ SiteKey = tuple[str, str, int]
 _CANONICAL_CACHE: dict[Callable, str] = {}
 
 
+def remember_torch_function_names() -> None:
+    """Memoize the names of every overridable torch function and Tensor method (once, ~20 ms).
+
+    Dynamo reads only the memo (see :func:`canonical_name`); with it filled, a function that no
+    eager forward called is still recognized under ``torch.compile`` on a path first taken there.
+    """
+    if _CANONICAL_CACHE.get(torch.add):
+        return
+    for funcs in torch.overrides.get_overridable_functions().values():
+        for func in funcs:
+            if isinstance(func, types.MethodWrapperType):
+                continue  # property getters: dynamo cannot hash them as dict keys (a graph break)
+            try:
+                _CANONICAL_CACHE.setdefault(func, ops.function_name(func))
+            except TypeError:  # unhashable
+                pass
+
+
 def canonical_name(func: Callable) -> str:
     """``ops.function_name`` memoized per function object (it runs for every torch call).
 
-    Under dynamo only the memo is read: a function no eager forward ever called is not a site
-    there (``""``), and dynamo cannot evaluate the name logic on every kind of callable.
+    Under dynamo only the memo is read (dynamo cannot evaluate the name logic on every kind of
+    callable); :func:`remember_torch_function_names` fills it when a sim is built. A callable
+    that is in neither (not a torch function) is not a site there (``""``).
     """
     if torch.compiler.is_compiling():
         return _CANONICAL_CACHE.get(func, "")

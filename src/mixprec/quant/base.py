@@ -147,16 +147,25 @@ class QuantizerBase(ReferenceQuantizerAPI, nn.Module):
         if not x.is_floating_point() or (x.numel() == 0 and not self._ready):
             return x  # nothing to quantize: integers, or an empty tensor
         if not self._ready:
-            raise EncodingNotComputedError(
-                f"{self._where()} has no encoding yet; call sim.compute_encodings(forward_pass_callback, args) "
-                "before running the model, or load encodings"
-            )
+            if torch.compiler.is_compiling():
+                from mixprec.core.eager_escape import run_eagerly
+
+                return run_eagerly(self._not_computed, x)
+            self._not_computed(x)
         if self.passes_masks and self.mask_threshold is not None:
             return masks.pass_mask_values(x, self._quantize(x), self.mask_threshold)
         return self._quantize(x)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _not_computed(self, x: torch.Tensor) -> torch.Tensor:
+        # under torch.compile this runs eagerly (core/eager_escape.py): raising inside a trace
+        # would make dynamo give up on whole frames instead of reporting this error
+        raise EncodingNotComputedError(
+            f"{self._where()} has no encoding yet; call sim.compute_encodings(forward_pass_callback, args) "
+            "before running the model, or load encodings"
+        )
 
     # ------------------------------------------------------------------ calibration
 

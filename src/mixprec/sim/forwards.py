@@ -101,15 +101,26 @@ class LeafForward(OwnForwardView):
         if st is not None:
             index = st.counts.get(self.name, 0)
             st.counts[self.name] = index + 1
-        if st is not None:
-            st.leaf_depth += 1
+        if st is None:
+            if sites is None or index >= len(sites):
+                return rt.new_module_call(self, index, args, kwargs)
+            return self.run(sites[index], args, kwargs)
+        st.leaf_depth += 1
+        if torch.compiler.is_compiling():
+            # no try/finally under dynamo: it cannot resume a graph broken inside one (a site first
+            # met under compile, sim/compiled.py); a raising forward's state is dropped anyway
+            if sites is None or index >= len(sites):
+                output = rt.new_module_call(self, index, args, kwargs)
+            else:
+                output = self.run(sites[index], args, kwargs)
+            st.leaf_depth -= 1
+            return output
         try:
             if sites is None or index >= len(sites):
                 return rt.new_module_call(self, index, args, kwargs)
             return self.run(sites[index], args, kwargs)
         finally:
-            if st is not None:
-                st.leaf_depth -= 1
+            st.leaf_depth -= 1
 
     def run(self, site: Any, args: tuple, kwargs: dict) -> Any:
         rt = self.runtime

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from mixprec.capture import sdpa
 from mixprec.capture.callsite import SiteKey, canonical_name
@@ -217,14 +218,23 @@ class SimRuntime:
 
     # sites first seen at run time ---------------------------------------------------------
     def new_function_call(self, func: Callable, key: SiteKey, args: tuple, kwargs: dict) -> Any:
-        output = func(*args, **kwargs)
-        if self.tracing is not None or torch.compiler.is_compiling():
-            # export checks on its own which quantizers reached the graph; under torch.compile no
-            # quantizer can be created inside the trace (libraries build masks differently there)
-            if self.tracing is not None:
-                self.tracing.unseen(key[0], key[1])
-            return output
         name = f"{key[0]}.{key[1]}" if key[0] else key[1]
+        if self.tracing is None and torch.compiler.is_compiling():
+            if not any(
+                isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.is_floating_point()
+                for t in pytree.tree_leaves((args, kwargs))
+            ):
+                return func(*args, **kwargs)  # masks, indices, shapes: no site, as in eager
+            from mixprec.sim import compiled
+
+            what = f"function call {name} (call {key[2]} of {key[1]} in its module)"
+            compiled.announce(what)
+            return compiled.run_eagerly(self.new_function_call, func, key, args, kwargs)
+        output = func(*args, **kwargs)
+        if self.tracing is not None:
+            # export checks on its own which quantizers reached the graph
+            self.tracing.unseen(key[0], key[1])
+            return output
         self._check_can_grow(f"function call {name} (call {key[2]} in its module)")
         with self._lock:
             site = self.sites.get(key, MISSING)
@@ -243,11 +253,17 @@ class SimRuntime:
 
     def new_module_call(self, wrapper: LeafForward, index: int, args: tuple, kwargs: dict) -> Any:
         module = wrapper.module
+        label = wrapper.name if index == 0 else f"{wrapper.name}#{index}"
+        if self.tracing is None and torch.compiler.is_compiling():
+            from mixprec.sim import compiled
+
+            what = f"module {label} ({type(module).__name__})"
+            compiled.announce(what)
+            return compiled.run_eagerly(self.new_module_call, wrapper, index, args, kwargs)
         output = wrapper.original(*args, **kwargs)
         if self.tracing is not None:
             self.tracing.unseen(wrapper.name, "")
             return output
-        label = wrapper.name if index == 0 else f"{wrapper.name}#{index}"
         self._check_can_grow(f"module {label} ({type(module).__name__})")
         with self._lock:
             sites = module._modules.get("mixprec_sites")
@@ -263,11 +279,6 @@ class SimRuntime:
         return wrapper.run(lq, args, kwargs)
 
     def _check_can_grow(self, what: str) -> None:
-        if torch.compiler.is_compiling():
-            raise CaptureError(
-                f"{what} runs under torch.compile but did not run when the sim was built: run one eager "
-                "forward (or compute_encodings) on inputs taking this path before compiling"
-            )
         if self.factory is None:
             raise CaptureError(
                 f"{what} did not run when the sim was built, and this model was loaded without its "
@@ -303,10 +314,24 @@ def _is_fake(t: torch.Tensor) -> bool:
 class QuantizationMode(TorchFunctionMode):
     """Active during ``sim.model``'s forward: routes functional calls to their sites' quantizers."""
 
-    def __init__(self, runtime: SimRuntime, state: ForwardState) -> None:
+    def __init__(self, runtime: SimRuntime, state: ForwardState, publish: bool = False) -> None:
         super().__init__()
         self.runtime = runtime
         self.fstate = state
+        self.publish = publish
+
+    # with publish (compiled forwards), entering makes ``state`` the runtime's forward in progress
+    # and leaving clears it, also when the forward raises: dynamo resumes a graph broken inside a
+    # mode's ``with`` block, but not one broken inside try/finally (see RootForward)
+    def __enter__(self) -> QuantizationMode:
+        if self.publish:
+            self.runtime.set_state(self.fstate)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if self.publish:
+            self.runtime.set_state(None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
@@ -373,17 +398,22 @@ class RootForward(OwnForwardView):
         if outer is not None:  # the root re-entered from its own forward: nothing new to set up
             return original(self.module, *args, **kwargs)
         st = ForwardState(rt)
+        iq = rt.input_quantizers
+        if torch.compiler.is_compiling():
+            # no try/finally here: a graph break in it (a site first met under compile, see
+            # sim/compiled.py) would make dynamo run this whole forward as many small graphs;
+            # the mode publishes and clears the state instead. Isolation is eager-only.
+            if iq is not None and any(q is not None for q in iq._modules.values()):
+                args, kwargs = quantize_leaves((args, kwargs), iq, rt)
+            with QuantizationMode(rt, st, publish=True):
+                return original(self.module, *args, **kwargs)
         rt.set_state(st)
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            foreign.enter(st)
+        foreign.enter(st)
         try:
-            iq = rt.input_quantizers
             if iq is not None and any(q is not None for q in iq._modules.values()):
                 args, kwargs = quantize_leaves((args, kwargs), iq, rt)
             with QuantizationMode(rt, st):
                 return original(self.module, *args, **kwargs)
         finally:
-            if not compiling:
-                foreign.leave(st)
+            foreign.leave(st)
             rt.set_state(None)

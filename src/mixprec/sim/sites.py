@@ -18,7 +18,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from mixprec.capture import op_types as ops
-from mixprec.capture.callsite import KNOWN_COMPUTE, SiteKey, is_kv_cache_call, kv_cache_name, site_name
+from mixprec.capture.callsite import (
+    KNOWN_COMPUTE,
+    SiteKey,
+    is_kv_cache_call,
+    kv_cache_name,
+    remember_torch_function_names,
+    site_name,
+)
 from mixprec.capture.graph import Layer, LayerKind, ParamRef
 from mixprec.capture.recorder import CaptureResult, is_leaf, module_layer_fields, module_param_refs
 from mixprec.sim.forwards import LeafForward
@@ -54,6 +61,7 @@ class SiteBuilder:
         graph, placement = sim.graph, sim.placement
         rt = SimRuntime()
         rt.factory = self
+        remember_torch_function_names()  # so compiled forwards name functions eager ones never ran
         # walked before the quantizer holders are attached (they would make leaves look like parents)
         own_modules = [(name, m, is_leaf(m)) for name, m in sim.model.named_modules()]
         sim._layer_quantizers = []
