@@ -277,7 +277,30 @@ class Looped(nn.Module):
         return torch.randn(2, 6)
 
 
+class ShapeBranch(nn.Module):
+    """A branch on the batch size, which dynamo traces (it guards on shapes and recompiles): batches
+    of more than 2 run ``b`` and ``sigmoid``/``mul`` (``tanh``/``mul`` when ``new_module`` is False)."""
+
+    def __init__(self, new_module: bool = True) -> None:
+        super().__init__()
+        self.new_module = new_module
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if x.shape[0] > 2:
+            h = (torch.sigmoid(self.b(h)) if self.new_module else torch.tanh(h)) * h
+        return self.head(h)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6)
+
+
 TINY_MODELS["branchy"] = Branchy
+TINY_MODELS["shape_branch"] = ShapeBranch
 TINY_MODELS["looped"] = Looped
 
 
