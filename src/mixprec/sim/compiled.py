@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch._dynamo.comptime import comptime
 
 from mixprec.core.eager_escape import run_eagerly
@@ -25,16 +26,17 @@ __all__ = ["announce", "run_eagerly"]
 
 logger = logging.getLogger(__name__)
 
-_announced: set[str] = set()
+_announced: set[tuple[str, str]] = set()
 
 
 def _warn_at_trace(ctx: Any) -> None:
     # runs once per trace, while dynamo traces; the graph does not see it
     what = ctx.get_local("what").as_python_constant()
-    # dynamo restarts and splits traces: one message per call (name) per process is enough
-    if what in _announced:
+    # dynamo restarts a trace several times: one message per call per compiled frame
+    key = (str(torch._guards.CompileContext.current_compile_id()), what)
+    if key in _announced:
         return
-    _announced.add(what)
+    _announced.add(key)
     logger.warning(
         "%s first runs under torch.compile, on a path neither dummy_input nor an eager forward took: "
         "the compiled forward leaves the graph there to create its layer as an eager forward would "

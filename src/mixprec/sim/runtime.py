@@ -159,10 +159,11 @@ class SimRuntime:
         return self._local.__dict__.get("state")
 
     def set_state(self, state: ForwardState | None) -> None:
-        if torch.compiler.is_compiling():
-            self._trace_state = state
-        else:
+        if not torch.compiler.is_compiling():
             self._local.state = state
+        # also in eager: when a graph break makes dynamo run this forward eagerly, the frames it
+        # compiles on their own inside it (hooks, leaf forwards) read the traced slot
+        self._trace_state = state
 
     # quantizer application --------------------------------------------------------------
     def apply(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -394,19 +395,21 @@ class RootForward(OwnForwardView):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rt = self.runtime
         original = type(self.module).forward
-        outer = rt.state()
-        if outer is not None:  # the root re-entered from its own forward: nothing new to set up
-            return original(self.module, *args, **kwargs)
-        st = ForwardState(rt)
         iq = rt.input_quantizers
         if torch.compiler.is_compiling():
             # no try/finally here: a graph break in it (a site first met under compile, see
             # sim/compiled.py) would make dynamo run this whole forward as many small graphs;
-            # the mode publishes and clears the state instead. Isolation is eager-only.
+            # the mode publishes and clears the state instead. The traced slot is not read here:
+            # it may hold an eager forward's state (set_state), which is no re-entry of this one.
+            # Isolation is eager-only.
+            st = ForwardState(rt)
             if iq is not None and any(q is not None for q in iq._modules.values()):
                 args, kwargs = quantize_leaves((args, kwargs), iq, rt)
             with QuantizationMode(rt, st, publish=True):
                 return original(self.module, *args, **kwargs)
+        if rt.state() is not None:  # the root re-entered from its own forward: nothing new to set up
+            return original(self.module, *args, **kwargs)
+        st = ForwardState(rt)
         rt.set_state(st)
         foreign.enter(st)
         try:
