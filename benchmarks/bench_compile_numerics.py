@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,11 @@ from torch import nn
 from mixprec import QuantizationSimModel
 from mixprec.quant import qmath as qm
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks._zoo_models import _reestimate_batchnorm  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "compile_numerics.json"
 
 
@@ -34,7 +40,8 @@ def fake_quant_alone() -> dict:
     scale, zp = 0.0123, 117
     x = (torch.randn(400_000) * 60 + (128 - zp)) * scale
     x[:200_000] = (torch.randint(-130, 130, (200_000,)).float() + 0.5) * scale  # ties, up to rounding
-    qp = qm.QParams(1.0 / scale, scale, float(-zp), float(255 - zp))
+    # as a quantizer holds them: float32 scale, inverse computed in float32 (as torch's quantized kernel)
+    qp = qm.int_qparams(torch.tensor(scale), torch.tensor(-zp), 8, as_python=True)
     eager_fast = qm._fq_uint8_grid(x, qp)  # the eager path for 8-bit per-tensor grids
     eager_composed = qm._fq_int(x, qp, want_mask=True)[0]  # the composed form (want_mask skips the fast path)
     compiled = torch.compile(lambda t: qm._fq_int(t, qp, want_mask=False)[0], backend="inductor")(x)
@@ -77,15 +84,43 @@ def one_conv() -> dict:
     }
 
 
-def network(name: str, batch: int) -> dict:
+def one_flip(sim: QuantizationSimModel, layer: nn.Module, x: torch.Tensor, step: float) -> dict[str, int]:
+    """Eager only: move ONE value of ``layer``'s quantized output one step; how far do the logits move?"""
+
+    layer_step = layer.output_quantizers[0].get_encoding().scale.item()
+
+    def bump(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        with torch._C.DisableTorchFunction():  # an edit of ours, not a layer of the model
+            out = out.clone()
+            flat = out.view(-1)
+            flat[int(flat.abs().argmax())] += layer_step
+        return out
+
+    with torch.no_grad():
+        base = sim.model(x)
+        handle = layer.register_forward_hook(bump)
+        try:
+            moved = sim.model(x)
+        finally:
+            handle.remove()
+    return steps(moved, base, step)
+
+
+def network(name: str, batch: int, reestimate: bool) -> dict:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(batch, 3, 64, 64)
+    if reestimate:
+        # random weights with default BN statistics shrink mobilenet_v2's logits to ~1e-9 (all on
+        # the zero code); re-estimated statistics give a meaningful grid
+        _reestimate_batchnorm(model, [torch.randn(8, 3, 64, 64) for _ in range(2)])
     sim = QuantizationSimModel(model, dummy_input=x)
     sim.compute_encodings(lambda m, _: m(x), None)
     head = sim.model.fc if name == "resnet18" else sim.model.classifier[1]
     step = head.output_quantizers[0].get_encoding().scale.item()
-    row: dict = {"model": name, "batch": batch, "step": step}
+    row: dict = {"model": name, "batch": batch, "bn_reestimated": reestimate, "step": step}
+    first = sim.model.relu if name == "resnet18" else sim.model.features[0][2]
+    row["one_flip_at_first_layer"] = one_flip(sim, first, x, step)
     with torch.no_grad():
         torch._dynamo.reset()
         f_eager = model(x)
@@ -109,7 +144,10 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",
         "fake_quant": fake_quant_alone(),
         "one_conv": one_conv(),
-        "networks": [network(n, b) for n in ("resnet18", "mobilenet_v2") for b in (2, 8)],
+        # mobilenet_v2 with default BN statistics: logits ~1e-9, all on the zero code (trivially equal)
+        "networks": [
+            network(n, b, n == "mobilenet_v2") for n in ("resnet18", "mobilenet_v2") for b in (2, 8)
+        ],
     }
     print(f"machine: {out['machine']}")
     fq = out["fake_quant"]
@@ -122,16 +160,17 @@ def main() -> None:
         f"conv7x7+relu: float outputs not bit-equal {oc['float_outputs_not_bit_equal']}, max rel "
         f"{oc['float_max_rel_diff']:.2e}; sim outputs by steps {oc['sim_steps']}"
     )
-    print(
-        f"{'model':14} {'batch':>5} {'float max':>10} {'backend':>9} {'0 steps':>8} {'1':>6} {'2':>5} {'>2':>4}"
-    )
+    print(f"{'model':13} {'batch':>5} {'BN':>3} {'backend':>10} {'0 steps':>8} {'1':>6} {'2':>5} {'>2':>4}")
     for r in out["networks"]:
-        for backend in ("aot_eager", "inductor"):
-            s = r[backend]
+        bn = "re" if r["bn_reestimated"] else "-"
+        for what in ("aot_eager", "inductor", "one_flip_at_first_layer"):
+            s = r[what]
+            label = "1 flip" if what.startswith("one_flip") else what
             print(
-                f"{r['model']:14} {r['batch']:>5} {r['float_max_abs_diff_in_steps']:>10.3f} {backend:>9} "
+                f"{r['model']:13} {r['batch']:>5} {bn:>3} {label:>10} "
                 f"{s['0']:>8} {s['1']:>6} {s['2']:>5} {s['>2']:>4}"
             )
+        print(f"{'':13} float compiled vs eager: max {r['float_max_abs_diff_in_steps']:.3f} steps")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1))
 

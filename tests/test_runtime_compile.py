@@ -9,7 +9,8 @@ import torch
 
 from mixprec import EncodingNotComputedError, QuantizationSimModel
 
-from .models import ShapeBranch, tiny_gpt2, tiny_llama
+from .helpers import sqnr_db
+from .models import ShapeBranch, reestimate_batchnorm, tiny_gpt2, tiny_llama
 
 
 def calibrated(model, x):
@@ -76,13 +77,32 @@ def test_compiled_before_calibration_raises_then_matches_eager():
 
 
 def within_one_step(eager: torch.Tensor, compiled: torch.Tensor, step: float) -> None:
-    """Compilers reorder float math (inductor fuses the fake quant into conv epilogues): a value on
-    a rounding boundary may land one step over, and that carries downstream. Measured on resnet18
-    with inductor: about 40% of outputs one step off, none more than two; so 99% of outputs must
-    agree to one step and all to two."""
+    """The fake quant is bit-identical under inductor (test below); inductor's float kernels sum in
+    another order, which moves a value across a rounding boundary now and then (1 in 524288 outputs
+    of one conv layer), and a one-step change early in a random-weight net spreads: measured by
+    benchmarks/bench_compile_numerics.py (docs/capture.md) on resnet18 batch 2, 37% of logits one
+    step off and 0.7% two; moving one activation of the first layer by one step in the eager sim
+    does about as much (21% / 0.75%). So 99% of outputs must agree to one step and all to two."""
     diff = (compiled - eager).abs()
     assert (diff <= step * 1.001).float().mean() >= 0.99, f"max diff {diff.max():.4g}, step {step:.4g}"
     assert diff.max() <= 2 * step * 1.001
+
+
+@pytest.mark.slow  # an inductor compile
+def test_inductor_fake_quant_is_bit_identical_to_eager():
+    """The fake quant itself is not where compiled outputs differ (docs/capture.md, compiled
+    numerics): inductor's kernel equals both eager paths bit for bit, ties included."""
+    from mixprec.quant import qmath as qm
+
+    torch.manual_seed(0)
+    scale, zp = 0.0123, 117
+    x = (torch.randn(100_000) * 60 + (128 - zp)) * scale
+    x[:50_000] = (torch.randint(-130, 130, (50_000,)).float() + 0.5) * scale
+    qp = qm.int_qparams(torch.tensor(scale), torch.tensor(-zp), 8, as_python=True)  # as quantizers do
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: qm._fq_int(t, qp, want_mask=False)[0], backend="inductor")(x)
+    assert torch.equal(compiled, qm._fq_uint8_grid(x, qp))  # eager's 8-bit per-tensor path
+    assert torch.equal(compiled, qm._fq_int(x, qp, want_mask=True)[0])  # eager's composed path
 
 
 @pytest.mark.slow
@@ -94,15 +114,26 @@ def test_torchvision_fullgraph(name, backend):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(2, 3, 64, 64)
+    if name == "mobilenet_v2":
+        reestimate_batchnorm(model, [torch.randn(8, 3, 64, 64) for _ in range(2)])
     sim = QuantizationSimModel(model, dummy_input=x)
     sim.compute_encodings(lambda m, _: m(x), None)
     head = sim.model.fc if name == "resnet18" else sim.model.classifier[1]
     step = head.output_quantizers[0].get_encoding().scale.item()
     torch._dynamo.reset()
     with torch.no_grad():
+        reference = model(x)
         eager = sim.model(x)
         compiled = torch.compile(sim.model, fullgraph=True, backend=backend)(x)
-    within_one_step(eager, compiled, step)
+    if backend == "aot_eager":
+        assert torch.equal(compiled, eager)  # same kernels: bit for bit
+    elif name == "resnet18":
+        within_one_step(eager, compiled, step)
+    else:
+        # mobilenet_v2 (re-estimated BN) is chaotic: one activation of its first layer moved by one
+        # step in the eager sim moves 37% of the logits by more than two steps (bench above), so
+        # steps say nothing here; the compiled sim must be as close to the float model as the eager one
+        assert sqnr_db(reference, compiled) >= sqnr_db(reference, eager) - 1.0
 
 
 @pytest.mark.slow
