@@ -6,11 +6,48 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from mixprec import EncodingNotComputedError, QuantizationSimModel
 
 from .helpers import sqnr_db
-from .models import ShapeBranch, reestimate_batchnorm, tiny_gpt2, tiny_llama
+from .models import tiny_gpt2, tiny_llama
+
+
+class ShapeBranch(nn.Module):
+    """A branch on the batch size, which dynamo traces (it guards on shapes and recompiles): batches
+    of more than 2 run ``b`` and ``sigmoid``/``mul`` (``tanh``/``mul`` when ``new_module`` is False)."""
+
+    def __init__(self, new_module: bool = True) -> None:
+        super().__init__()
+        self.new_module = new_module
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if x.shape[0] > 2:
+            h = (torch.sigmoid(self.b(h)) if self.new_module else torch.tanh(h)) * h
+        return self.head(h)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6)
+
+
+def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """BatchNorm statistics re-estimated on ``batches``: random weights with the default statistics
+    shrink mobilenet_v2's logits to ~1e-9, all on one quantization code (nothing to compare)."""
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches
+            bn.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    model.eval()
 
 
 def calibrated(model, x):
