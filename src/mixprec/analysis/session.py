@@ -61,14 +61,18 @@ class Session:
         self.user_encodings: list[tuple[Place, QuantizerBase, Any]] = []
 
     # the float pass ---------------------------------------------------------------------
-    def observe_float(self, candidates: list[Candidate]) -> None:
+    def observe_float(self, candidates: list[Candidate], calibrate: bool = True) -> None:
         """Run every batch through the float model (quantizers passing values through), keeping
-        the outputs, candidate modules' outputs, MACs, and every activation quantizer's statistics."""
+        the outputs, candidate modules' outputs, MACs, and the statistics the encodings need: of
+        every activation quantizer for the baseline (``calibrate``), else only of the places the
+        candidates change (the baseline keeps the sim's encodings)."""
         sim = self.sim
         entries = list(sim.quantizers())
         self.user_encodings = [(p, q, _encoding(q)) for p, q in entries]
+        changed = {ch.place for c in candidates for ch in c.changes}
         for place, q in entries:
-            q.begin_calibration(sim.quant_scheme, collect=place.kind is not PlaceKind.PARAM)
+            wanted = calibrate or place in changed
+            q.begin_calibration(sim.quant_scheme, collect=place.kind is not PlaceKind.PARAM and wanted)
         handles = self._float_hooks(candidates)
         try:
             with torch.no_grad():

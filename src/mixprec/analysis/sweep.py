@@ -88,7 +88,7 @@ def analyze_sensitivity(
     sweep = _Sweep(session, candidates, fast)
     try:
         start = time.perf_counter()
-        session.observe_float(candidates)  # every rank runs it, even with no batches of its own
+        session.observe_float(candidates, calibrate)  # every rank runs it, even with no batches of its own
         timings["float_pass_s"] = time.perf_counter() - start
         if calibrate:
             start = time.perf_counter()
