@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 
+def clock() -> float:
+    """The clock of ``SensitivityReport.timings``: wall seconds (benchmarks/bench_sensitivity.py
+    swaps in process CPU seconds, steadier on a shared machine)."""
+    return CLOCK()
+
+
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def analyze_sensitivity(
     sim: QuantizationSimModel,
     batches: Iterable[Any],
@@ -79,21 +88,21 @@ def analyze_sensitivity(
     metric_ = make_metric(metric, higher_is_better)
     tried = describe_tried(activation, param)
     timings: dict[str, float] = {}
-    began = start = time.perf_counter()
+    began = start = clock()
     candidates = plan_changes(sim, expand_targets(sim, targets), activation, param, layers)
     if not candidates:
         raise RequestError(f"targets {targets!r}: trying {tried} changes no quantizer of any of them")
-    timings["plan_s"] = time.perf_counter() - start
+    timings["plan_s"] = clock() - start
     session = Session(sim, batches, metric_)
     sweep = _Sweep(session, candidates, fast)
     try:
-        start = time.perf_counter()
+        start = clock()
         session.observe_float(candidates, calibrate)  # every rank runs it, even with no batches of its own
-        timings["float_pass_s"] = time.perf_counter() - start
+        timings["float_pass_s"] = clock() - start
         if calibrate:
-            start = time.perf_counter()
+            start = clock()
             session.set_baseline_encodings()
-            timings["baseline_encodings_s"] = time.perf_counter() - start
+            timings["baseline_encodings_s"] = clock() - start
         else:
             _check_encodings(sim)
         stats, local = sweep.run(timings, progress)
@@ -102,7 +111,7 @@ def analyze_sensitivity(
             session.restore_user_encodings()
     stats = all_reduce_sum(torch.cat([stats, local], dim=1))
     width = stats.shape[1] - 2
-    timings["total_s"] = time.perf_counter() - began
+    timings["total_s"] = clock() - began
     report = build_report(
         candidates, stats[:, :width], stats[:, width:], metric_, tried, timings, sweep.counts, session.macs
     )
@@ -146,21 +155,21 @@ class _Sweep:
 
     def run(self, timings: dict[str, float], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
         s, n = self.s, len(self.candidates)
-        start = time.perf_counter()
+        start = clock()
         with torch.no_grad():
             if self.fast:
                 _warm_up(s.sim.model, s.batches[0]) if s.batches else None
-                timings["warm_up_s"] = time.perf_counter() - start
-                start = time.perf_counter()
+                timings["warm_up_s"] = clock() - start
+                start = clock()
                 baseline = self._record()  # the baseline forwards, recorded
-                timings["baseline_and_record_s"] = time.perf_counter() - start
+                timings["baseline_and_record_s"] = clock() - start
                 self.counts["snapshot_mb"] = round(sum(t.nbytes() for t in self.tapes) / 2**20, 1)
-                start = time.perf_counter()
+                start = clock()
                 self.probe = self._record_probe()
-                timings["verify_s"] = time.perf_counter() - start
+                timings["verify_s"] = clock() - start
             else:
                 baseline = [run_batch(s.sim.model, b) for b in s.batches]
-                timings["baseline_s"] = time.perf_counter() - start
+                timings["baseline_s"] = clock() - start
         base_stats = _sum((s.score(i, out) for i, out in enumerate(baseline)), s.metric)
         del baseline
         cuts = [self._cut(c) for c in self.candidates]
@@ -174,13 +183,13 @@ class _Sweep:
         for key in _CANDIDATE_TIMINGS:
             timings[key] = 0.0
         checked = timings.get("verify_s", 0.0)
-        start = time.perf_counter()
+        start = clock()
         for done, i in enumerate(order, 1):
             stats[i], local[i] = self._candidate(self.candidates[i], cuts[i], verify == i, timings)
             if progress is not None:
                 progress(done, n, self.candidates[i].name)
         # the check's forwards are counted in verify_s, not in the candidates' time
-        timings["sweep_s"] = time.perf_counter() - start - (timings.get("verify_s", 0.0) - checked)
+        timings["sweep_s"] = clock() - start - (timings.get("verify_s", 0.0) - checked)
         self.tapes = []
         self.probe = None
         return stats, local
@@ -212,31 +221,31 @@ class _Sweep:
         self, c: Candidate, cut: tuple[str, int] | None, verify: bool, timings: dict[str, float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s
-        clock = time.perf_counter()
+        mark = clock()
         saved = s.apply(c.changes)
         local = None
         total = None
         try:
-            clock = _lap(timings, "candidates_apply_s", clock)
+            mark = _lap(timings, "candidates_apply_s", mark)
             if verify and cut is not None:
                 with torch.no_grad():  # before this candidate's forwards, which it may switch to full
                     self._verify(c, cut)
-                clock = _lap(timings, "verify_s", clock)
+                mark = _lap(timings, "verify_s", mark)
             local = _LocalError(s, c)
             with torch.no_grad():
                 for b, batch in enumerate(s.batches):
                     local.start(b)
                     out = self._forward(b, batch, cut, lambda b=b: local.start(b))
                     local.commit()
-                    clock = _lap(timings, "candidates_forward_s", clock)
+                    mark = _lap(timings, "candidates_forward_s", mark)
                     stats = s.score(b, out)
                     total = stats if total is None else total + stats
-                    clock = _lap(timings, "candidates_score_s", clock)
+                    mark = _lap(timings, "candidates_score_s", mark)
         finally:
             if local is not None:
                 local.close()
             s.revert(c.changes, saved)
-            _lap(timings, "candidates_revert_s", clock)
+            _lap(timings, "candidates_revert_s", mark)
         return _sum([] if total is None else [total], s.metric), local.total
 
     def _forward(self, b: int, batch: Any, cut: tuple[str, int] | None, restart: Callable[[], None]) -> Any:
@@ -303,7 +312,7 @@ _CANDIDATE_TIMINGS = (
 
 
 def _lap(timings: dict[str, float], key: str, since: float) -> float:
-    now = time.perf_counter()
+    now = clock()
     timings[key] = timings.get(key, 0.0) + now - since
     return now
 
