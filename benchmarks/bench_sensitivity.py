@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,9 @@ def mixprec_side(settings: dict, fast: bool) -> dict:
         "counts": rep.counts,
         "baseline_db": rep.baseline,
         "ranking": [r.layer for r in rep.rows[:10]],
+        # a perturbation that vanished (a later quantizer rounding the tail back onto the baseline)
+        # would leave the output, hence the metric, exactly at the baseline's
+        "rows_equal_to_baseline": sum(1 for r in rep.rows if r.delta == 0.0),
     }
 
 
@@ -79,17 +83,27 @@ def compute_floor(model: nn.Module, sim, data: torch.Tensor) -> dict:
     Counted in conv MACs (candidates in execution order, each cut at its own layer) as forward
     equivalents, and timed as that many full quantized forwards (process CPU seconds).
     """
-    order: list[int] = []
-    hooks = [
-        m.register_forward_hook(lambda mod, a, out: order.append(out.numel() * mod.weight[0].numel()))
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
+    order: list[tuple[str, int]] = []
+
+    def count(name: str) -> Callable:
+        return lambda mod, a, out: order.append((name, out.numel() * mod.weight[0].numel()))
+
+    hooks = [m.register_forward_hook(count(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         model(data[:1])
     for h in hooks:
         h.remove()
-    tails = sum(sum(order[i:]) for i in range(len(order))) / sum(order)
+    macs = [m for _, m in order]
+    tails = sum(sum(macs[i:]) for i in range(len(macs))) / sum(macs)
+    # a candidate on a residual block's main branch leaves the block's shortcut input unchanged:
+    # its downsample conv (run after the main branch in torchvision's blocks) could be reused
+    where = {n: i for i, (n, _) in enumerate(order)}
+    shortcut = sum(
+        order[where[block + ".downsample.0"]][1]
+        for name, i in where.items()
+        for block in [name.rpartition(".")[0]]
+        if ".downsample." not in name and where.get(block + ".downsample.0", -1) > i
+    ) / sum(macs)
     sim.compute_encodings(lambda m, _: m(data), None)
     with torch.no_grad():
         sim.model(data[:1])  # fake-quantized weights cached, as in the sweep
@@ -100,6 +114,7 @@ def compute_floor(model: nn.Module, sim, data: torch.Tensor) -> dict:
             cpu.append(time.process_time() - start)
     return {
         "tail_forward_equivalents": round(tails, 2),
+        "shortcut_reuse_forward_equivalents": round(shortcut, 3),
         "quantized_forward_cpu_s": min(cpu),
         "tails_floor_cpu_s": tails * min(cpu),
     }
@@ -205,7 +220,9 @@ def render(result: dict) -> str:
             f"mixprec candidates' forwards: {t.get('candidates_forward_s', 0.0):.1f} s CPU for "
             f"{m['tail_forward_equivalents']} forward equivalents of conv MACs; one quantized forward "
             f"{m['quantized_forward_cpu_s']:.2f} s CPU, so the floor for exact rows is "
-            f"{m['tails_floor_cpu_s']:.1f} s CPU"
+            f"{m['tails_floor_cpu_s']:.1f} s CPU; reusable: downsample convs on unchanged shortcuts "
+            f"{m['shortcut_reuse_forward_equivalents']} forward equivalents, rows exactly at the baseline "
+            f"(a vanished perturbation) {m['rows_equal_to_baseline']}"
         )
     return "\n".join(lines)
 
