@@ -459,28 +459,5 @@ class StatefulBranch(nn.Module):
         return torch.randn(2, 6)
 
 
-class DriftingScale(nn.Module):
-    """A forward whose values (not its calls) depend on Python state that changes every call: a
-    replayed prefix keeps the recorded values, so only a sweep's replay check can tell."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(6, 6)
-        self.b = nn.Linear(6, 6)
-        self.c = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 2)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        x = self.a(x) * (1.0 + 0.1 * self.calls)
-        return self.head(torch.relu(self.c(torch.relu(self.b(x)))))
-
-    @staticmethod
-    def example_input() -> torch.Tensor:
-        return torch.randn(2, 6)
-
-
 TINY_MODELS["wide_activation"] = WideActivation
 TINY_MODELS["stateful_branch"] = StatefulBranch
-TINY_MODELS["drifting_scale"] = DriftingScale

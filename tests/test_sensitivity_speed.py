@@ -23,8 +23,31 @@ def _rows(rep: mixprec.SensitivityReport) -> list[tuple]:
     return [(r.layer, r.metric, r.local_sqnr_db) for r in rep.rows]
 
 
+class DriftingScale(nn.Module):
+    """A forward whose values (not its calls) depend on Python state that changes every call: a
+    replayed prefix keeps the recorded values, so only a sweep's replay check can tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        x = self.a(x) * (1.0 + 10.0 / self.calls)  # shrinking: never saturates a quantizer
+        return self.head(torch.relu(self.c(torch.relu(self.b(x)))))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 6)
+
+
 def test_the_replay_check_switches_a_forward_whose_values_drift_to_full_forwards(caplog) -> None:
-    model, example = build("drifting_scale")
+    torch.manual_seed(0)
+    model, example = DriftingScale().eval(), DriftingScale.example_input()
     sim = mixprec.QuantizationSimModel(model, dummy_input=example)
     batches = _batches(example)
     with caplog.at_level(logging.WARNING, logger="mixprec.analysis.sweep"):
