@@ -206,8 +206,9 @@ def render(result: dict) -> str:
             a.get("per_layer_cpu_s"),
             a["speed_probe_ms"].get("start"),
         )
+        cpu_ratio = a["per_layer_cpu_s"] / m["cpu_s"] if a.get("per_layer_cpu_s") else float("nan")
         lines.append(
-            f"reference / mixprec wall: {wall / m['wall_s']:.1f}x; per evaluation: "
+            f"reference / mixprec CPU: {cpu_ratio:.2f}x; wall: {wall / m['wall_s']:.2f}x; per evaluation (wall): "
             f"{(a['per_layer_wall_s'] / max(len(a.get('evaluations') or [1]), 1)) / (m['wall_s'] / m['candidates']):.1f}x"
         )
     else:
