@@ -115,7 +115,7 @@ def memory_row() -> dict:
         sim.model(x)
     quantizer_state = sum(t.numel() * t.element_size() for t in sim.model.state_dict().values())
     quantizer_state -= weights + sum(b.numel() * b.element_size() for b in model.buffers())
-    cache = sum(entry[-1].numel() * entry[-1].element_size() for entry in sim.runtime._param_cache.values())
+    cache = sim.runtime._param_cache.nbytes()
     sim.cache_quantized_weights = False
     gc.collect()
     return {

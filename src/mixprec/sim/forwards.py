@@ -75,7 +75,8 @@ class LeafForward(OwnForwardView):
     Attributes:
         module: the leaf module (its class is untouched).
         name: its qualified name in ``sim.model``.
-        params: ``(relative name, owner module, attribute)`` of each parameter it reads.
+        params: ``(relative name, its param_quantizers key, owner module, attribute)`` of each
+            parameter it reads.
     """
 
     def __init__(self, module: nn.Module, name: str, runtime: Any) -> None:
@@ -84,7 +85,7 @@ class LeafForward(OwnForwardView):
         self.runtime = runtime
         self.kind = _kind(module)
         self.params = [
-            (rel, module.get_submodule(rel.rpartition(".")[0]), rel.rpartition(".")[2])
+            (rel, rel.replace(".", ":"), module.get_submodule(rel.rpartition(".")[0]), rel.rpartition(".")[2])
             for rel, _ in module.named_parameters(remove_duplicate=False)
         ]
 
@@ -94,17 +95,17 @@ class LeafForward(OwnForwardView):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rt = self.runtime
         st = rt.state()
-        if st is not None and (st.leaf_depth or st.scope[-1] is None):
+        if st is None:
+            sites = self.module._modules.get("mixprec_sites")
+            if sites is None or not len(sites):
+                return rt.new_module_call(self, 0, args, kwargs)
+            return self.run(sites[0], args, kwargs)
+        if st.leaf_depth or st.scope[-1] is None:
             return self.original(*args, **kwargs)
         sites = self.module._modules.get("mixprec_sites")
-        index = 0
-        if st is not None:
-            index = st.counts.get(self.name, 0)
-            st.counts[self.name] = index + 1
-        if st is None:
-            if sites is None or index >= len(sites):
-                return rt.new_module_call(self, index, args, kwargs)
-            return self.run(sites[index], args, kwargs)
+        counts = st.counts
+        index = counts.get(self.name, 0)
+        counts[self.name] = index + 1
         st.leaf_depth += 1
         if torch.compiler.is_compiling():
             # no try/finally under dynamo: it cannot resume a graph broken inside one (a site first
@@ -115,11 +116,14 @@ class LeafForward(OwnForwardView):
                 output = self.run(sites[index], args, kwargs)
             st.leaf_depth -= 1
             return output
+        mode = st.pop_mode()
         try:
             if sites is None or index >= len(sites):
                 return rt.new_module_call(self, index, args, kwargs)
             return self.run(sites[index], args, kwargs)
         finally:
+            if mode is not None:
+                torch._C._push_on_torch_function_stack(mode)
             st.leaf_depth -= 1
 
     def run(self, site: Any, args: tuple, kwargs: dict) -> Any:
@@ -127,8 +131,8 @@ class LeafForward(OwnForwardView):
         args, kwargs = site.quantize_inputs(args, kwargs, rt)
         quantized = {}
         pq = site.param_quantizers._modules
-        for rel, owner, attr in self.params:
-            q = pq.get(rel.replace(".", ":"))
+        for rel, key, owner, attr in self.params:
+            q = pq.get(key)
             if q is not None:
                 quantized[rel] = rt.quantized_param(q, owner._parameters[attr])
         if not quantized:
@@ -166,7 +170,7 @@ class LeafForward(OwnForwardView):
             rt._lock.acquire()
         swapped = []
         try:
-            for rel, owner, attr in self.params:
+            for rel, _, owner, attr in self.params:
                 if rel in quantized:
                     swapped.append((owner, attr, owner._parameters[attr]))
                     owner._parameters[attr] = quantized[rel]

@@ -30,6 +30,7 @@ from mixprec.sim import foreign
 from mixprec.sim.forwards import LeafForward, OwnForwardView, quantize_leaves
 from mixprec.sim.rootview import original_class, quantized_class
 from mixprec.sim.sitecall import FunctionalSite
+from mixprec.sim.weight_cache import WeightCache
 
 __all__ = [
     "ForwardState", "FunctionalSite", "LayerQuantizers", "LeafForward", "QuantizationMode", "RootForward",
@@ -101,13 +102,30 @@ class ForwardState:
     a module that is not part of the model (run from inside it), whose calls are left alone.
     """
 
-    __slots__ = ("counts", "leaf_depth", "rt", "scope")
+    __slots__ = ("counts", "leaf_depth", "mode", "rt", "scope")
 
     def __init__(self, rt: SimRuntime) -> None:
         self.rt = rt
         self.scope: list[str | None] = [""]
         self.counts: dict[Any, int] = {}
         self.leaf_depth = 0
+        self.mode: QuantizationMode | None = None  # the mode of this forward, once entered (eager)
+
+    def pop_mode(self) -> QuantizationMode | None:
+        """Take this forward's mode off the top of the torch-function mode stack, if it is there.
+
+        A leaf module's own calls are never sites (``leaf_depth``), so its wrapper runs them
+        without the mode: each torch call under a mode costs a Python call. Returns the mode to
+        push back, or None (another mode above it, or none entered yet: nothing popped).
+        """
+        mode = self.mode
+        if mode is None or not torch._C._len_torch_function_stack():
+            return None
+        top = torch._C._pop_torch_function_stack()
+        if top is not mode:
+            torch._C._push_on_torch_function_stack(top)
+            return None
+        return mode
 
 
 class SimRuntime:
@@ -125,7 +143,7 @@ class SimRuntime:
 
     def __init__(self) -> None:
         self.sites: dict[SiteKey, FunctionalSite | None] = {}
-        self.counted: frozenset[str] = frozenset()
+        self._counted: frozenset[str] = frozenset()
         self.input_quantizers: nn.ModuleList | None = None
         self.factory: SiteFactory | None = None
         self.calibration_scheme: Any = None
@@ -136,14 +154,48 @@ class SimRuntime:
     def _init_transient(self) -> None:
         self._local = threading.local()
         self._trace_state: ForwardState | None = None
-        self._param_cache: dict[int, tuple] = {}
+        self._param_cache = WeightCache()
         self._lock = threading.RLock()
+        self._counted_memo: dict[Any, str | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("_local", "_trace_state", "_param_cache", "_lock", "factory", "tracing"):
+        for name in (
+            "_local",
+            "_trace_state",
+            "_param_cache",
+            "_lock",
+            "factory",
+            "tracing",
+            "_counted_memo",
+        ):
             state.pop(name, None)
         return state
+
+    @property
+    def counted(self) -> frozenset[str]:
+        """Canonical names of the functions whose calls need a site identity."""
+        return self._counted
+
+    @counted.setter
+    def counted(self, names: frozenset[str]) -> None:
+        self._counted = names
+        self._counted_memo = {}
+
+    def counted_name(self, func: Callable) -> str | None:
+        """``func``'s canonical name if its calls are counted, else None; memoized per function
+        object in eager mode (the mode asks for every torch call of the forward)."""
+        try:
+            return self._counted_memo[func]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable callable
+            canonical = canonical_name(func)
+            return canonical if canonical in self._counted or canonical == sdpa.NAME else None
+        canonical = canonical_name(func)
+        found = canonical if canonical in self._counted or canonical == sdpa.NAME else None
+        self._counted_memo[func] = found
+        return found
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -168,50 +220,33 @@ class SimRuntime:
     # quantizer application --------------------------------------------------------------
     def apply(self, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
         tracing = self.tracing
-        return q(x) if tracing is None else tracing.mark(q, x)
+        if tracing is not None:
+            return tracing.mark(q, x)
+        if q._forward_pre_hooks or q._forward_hooks or q._backward_hooks or q._backward_pre_hooks:
+            return q(x)
+        # quantizers are the sim's own modules: in eager mode their forward is called directly,
+        # skipping nn.Module.__call__ and the process-wide hooks it would run (see foreign.py);
+        # dynamo traces the call as a module call either way
+        return q(x) if torch.compiler.is_compiling() else q.forward(x)
 
     def quantized_param(self, q: nn.Module, param: torch.Tensor) -> torch.Tensor:
         """``q(param)``, reused across forwards while neither the parameter nor the encoding changed.
 
         Only where no gradient flows (inference, calibration of later layers): training must see a
-        fresh fake-quant node every step. The key holds the parameter object, an alias of its data
-        (so a replaced storage cannot be reused at the same address), its version and the
-        quantizer's buffer objects and versions: optimizer steps, ``copy_``, ``load_state_dict``
-        and ``.data = ...`` assignments all change it.
+        fresh fake-quant node every step. See :class:`mixprec.sim.weight_cache.WeightCache` for
+        what is checked each forward.
         """
         if self.tracing is not None:
             return self.tracing.mark(q, param)
         if (
             not self.cache_weights
-            or (torch.is_grad_enabled() and param.requires_grad)
-            or getattr(q, "is_calibrating", False)
+            or (param.requires_grad and torch.is_grad_enabled())
+            or getattr(q, "_observing", False)
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
-            or _is_fake(param)
         ):
-            return q(param)
-        # learnable encodings (mixprec.quant.learnable) are parameters, changed by optimizer steps
-        # in place and by `.data =` assignments: identity, version and address key them
-        buffers = (*q._buffers.values(), *q._parameters.values())
-        cached = self._param_cache.get(id(q))
-        if cached is not None:
-            c_q, c_param, c_alias, c_version, c_buffers, c_versions, result = cached
-            if (
-                c_q is q
-                and c_param is param
-                and c_alias.data_ptr() == param.data_ptr()
-                and c_version == param._version
-                and c_alias.dtype == param.dtype
-                and c_alias.shape == param.shape
-                and len(c_buffers) == len(buffers)
-                and all(a is b for a, b in zip(c_buffers, buffers, strict=True))
-                and c_versions == tuple((b._version, b.data_ptr()) for b in buffers if b is not None)
-            ):
-                return result
-        result = q(param)
-        versions = tuple((b._version, b.data_ptr()) for b in buffers if b is not None)
-        self._param_cache[id(q)] = (q, param, param.detach(), param._version, buffers, versions, result)
-        return result
+            return self.apply(q, param)
+        return self._param_cache.get(q, param, self.apply)
 
     def clear_cache(self) -> None:
         """Drop the cached fake-quantized parameters (they are rebuilt on the next forward)."""
@@ -304,14 +339,6 @@ class SimRuntime:
         return False
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    try:
-        t.data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return True
-    return t.device.type == "meta"
-
-
 class QuantizationMode(TorchFunctionMode):
     """Active during ``sim.model``'s forward: routes functional calls to their sites' quantizers."""
 
@@ -338,10 +365,14 @@ class QuantizationMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         st = self.fstate
-        scope = st.scope[-1]
-        if st.leaf_depth or scope is None:
+        if st.leaf_depth or st.scope[-1] is None:
             return func(*args, **kwargs)
-        canonical = canonical_name(func)
+        if torch.compiler.is_compiling():
+            canonical = canonical_name(func)
+        else:
+            canonical = self.runtime.counted_name(func)
+            if canonical is None:  # most calls: nothing to count, look up or quantize
+                return func(*args, **kwargs)
         if canonical == sdpa.NAME:
             return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
         return self.dispatch(func, args, kwargs, canonical)
@@ -376,7 +407,8 @@ class ScopeHook:
         self.enter = enter
 
     def __call__(self, module: nn.Module, args: Any, *rest: Any) -> None:
-        st = self.runtime.state()
+        rt = self.runtime
+        st = rt._trace_state if torch.compiler.is_compiling() else rt._local.__dict__.get("state")
         if st is None:
             return
         if self.enter:
@@ -415,7 +447,8 @@ class RootForward(OwnForwardView):
         try:
             if iq is not None and any(q is not None for q in iq._modules.values()):
                 args, kwargs = quantize_leaves((args, kwargs), iq, rt)
-            with QuantizationMode(rt, st):
+            with QuantizationMode(rt, st) as mode:
+                st.mode = mode
                 return original(self.module, *args, **kwargs)
         finally:
             foreign.leave(st)
