@@ -75,6 +75,7 @@ class LearnableIntQuantizer(IntQuantizer):
     def _refresh(self) -> None:
         self._by_ndim = {}
         self._base = None  # prepared for inference on demand: optimizer steps change the parameters
+        self._uint8 = None  # no fast path in IntQuantizer.forward: the encoding may train
         self._prepared_for: tuple[int, ...] | None = None
         self._ready = self.scale.numel() > 0 and self.offset.shape == self.scale.shape
         # strictness drops the lowest code of signed grids only; symmetric offsets never train,

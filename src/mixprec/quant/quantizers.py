@@ -58,6 +58,7 @@ class IntQuantizer(QuantizerBase):
         self.unsigned_symmetric = unsigned_symmetric
         self.strict_symmetric = strict_symmetric
         self.register_buffer("offset", torch.empty(0, dtype=torch.int64))
+        self._uint8: tuple[float, int] | None = None  # (scale, zero point) of the uint8 fast path
         self._base: qm.QParams | None = None
         self._by_ndim: dict[int, qm.QParams] = {}
         self._refresh()
@@ -119,6 +120,7 @@ class IntQuantizer(QuantizerBase):
 
     def _refresh(self) -> None:
         self._by_ndim = {}
+        self._uint8 = None
         self._ready = self.scale.numel() > 0 and self.offset.shape == self.scale.shape
         if not self._ready:
             self._base = None
@@ -126,6 +128,26 @@ class IntQuantizer(QuantizerBase):
         # strictness drops the lowest code of signed grids only: code 0 of an unsigned grid is 0.0
         strict_lower = self._symmetric and self.strict_symmetric and bool((self.offset < 0).any())
         self._base = qm.int_qparams(self.scale, self.offset, self.bitwidth, strict_lower, as_python=True)
+        if isinstance(self._granularity, PerTensor):
+            self._uint8 = qm.uint8_grid(self._base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`QuantizerBase.forward`; the common case (inference on float32, 8-bit per-tensor
+        grid, no mask values to pass) goes straight to the uint8 kernels, with the same results."""
+        grid = self.__dict__.get("_uint8")  # absent in quantizers pickled by older versions
+        if (
+            grid is not None
+            and x.dtype is torch.float32
+            and not self._observing
+            and not self.passes_masks
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and (type(x) is torch.Tensor or type(x) is torch.nn.Parameter)
+            and not torch.compiler.is_compiling()
+        ):
+            out = qm.fake_quantize_uint8(x, grid)
+            if out is not None:
+                return out
+        return super().forward(x)
 
     def _params_for(self, ndim: int) -> qm.QParams:
         qp = self._by_ndim.get(ndim)

@@ -23,7 +23,9 @@ from torch.utils import _pytree as pytree
 def quantize_leaves(value: Any, quantizers: nn.ModuleList, rt: Any) -> Any:
     """Apply ``quantizers[k]`` to the k-th non-parameter tensor leaf of ``value``."""
     qs = quantizers._modules
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+    if type(value) is torch.Tensor or (
+        isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+    ):
         q = qs.get("0")
         return value if q is None else rt.apply(q, value)
     leaves, spec = pytree.tree_flatten(value)
@@ -130,7 +132,7 @@ class LeafForward(OwnForwardView):
         rt = self.runtime
         args, kwargs = site.quantize_inputs(args, kwargs, rt)
         quantized = {}
-        pq = site.param_quantizers._modules
+        pq = site._modules["param_quantizers"]._modules
         for rel, key, owner, attr in self.params:
             q = pq.get(key)
             if q is not None:

@@ -58,16 +58,21 @@ class LayerQuantizers(nn.Module):
         self.output_quantizers = nn.ModuleList([None] * n_outputs)
         self.param_quantizers = nn.ModuleDict({k: None for k in param_keys})
 
+    # the hot paths read submodules from ``_modules`` directly: nn.Module.__getattr__ costs a
+    # Python call per attribute, several times per layer per forward
     def has_input_quantizers(self) -> bool:
-        return any(q is not None for q in self.input_quantizers._modules.values())
+        for q in self._modules["input_quantizers"]._modules.values():
+            if q is not None:
+                return True
+        return False
 
     def quantize_inputs(self, args: tuple, kwargs: dict, rt: SimRuntime) -> tuple[tuple, dict]:
         if not self.has_input_quantizers():
             return args, kwargs
-        return quantize_leaves((args, kwargs), self.input_quantizers, rt)
+        return quantize_leaves((args, kwargs), self._modules["input_quantizers"], rt)
 
     def quantize_outputs(self, output: Any, rt: SimRuntime) -> Any:
-        return quantize_leaves(output, self.output_quantizers, rt)
+        return quantize_leaves(output, self._modules["output_quantizers"], rt)
 
     def all_quantizers(self) -> list[nn.Module]:
         found = [*self.input_quantizers, *self.output_quantizers, *self.param_quantizers.values()]
@@ -365,17 +370,32 @@ class QuantizationMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         st = self.fstate
-        if st.leaf_depth or st.scope[-1] is None:
+        scope = st.scope[-1]
+        if st.leaf_depth or scope is None:
             return func(*args, **kwargs)
         if torch.compiler.is_compiling():
             canonical = canonical_name(func)
-        else:
-            canonical = self.runtime.counted_name(func)
-            if canonical is None:  # most calls: nothing to count, look up or quantize
-                return func(*args, **kwargs)
+            if canonical == sdpa.NAME:
+                return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
+            return self.dispatch(func, args, kwargs, canonical)
+        # eager: the same steps as dispatch, inlined (this runs for every torch call of the forward)
+        rt = self.runtime
+        canonical = rt.counted_name(func)
+        if canonical is None:  # most calls: nothing to count, look up or quantize
+            return func(*args, **kwargs)
         if canonical == sdpa.NAME:
             return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
-        return self.dispatch(func, args, kwargs, canonical)
+        counts = st.counts
+        counter = (scope, canonical)
+        ordinal = counts.get(counter, 0)
+        counts[counter] = ordinal + 1
+        key = (scope, canonical, ordinal)
+        site = rt.sites.get(key, MISSING)
+        if site is None:
+            return func(*args, **kwargs)
+        if site is MISSING:
+            return rt.new_function_call(func, key, args, kwargs)
+        return site.call(func, args, kwargs, rt)
 
     def dispatch(self, func: Callable, args: tuple, kwargs: dict, canonical: str | None = None) -> Any:
         """Run one functional call at its site: counted, looked up, quantized (or grown)."""

@@ -10,6 +10,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from mixprec.capture import op_types as ops
+from mixprec.sim.forwards import quantize_leaves
+
+
+def _nests(value: Any) -> bool:
+    """Whether pytree would look inside ``value`` (a container of further leaves)."""
+    return isinstance(value, (list, tuple, dict)) or type(value) in pytree.SUPPORTED_NODES
 
 
 class FunctionalSite:
@@ -32,14 +38,26 @@ class FunctionalSite:
         self.dunder_in_place = getattr(func, "__name__", "").startswith("__i")
 
     def call(self, func: Callable, args: tuple, kwargs: dict, rt: Any) -> Any:
-        q = self.quantizers
-        pq = q.param_quantizers._modules
-        if q.has_input_quantizers() or any(pq.get(k) is not None for k in self.param_order):
+        mods = self.quantizers._modules
+        if self._reads_quantized(mods):
             args, kwargs = self._quantize_arguments(args, kwargs, rt)
         output = func(*args, **kwargs)
         if self.in_place and not self.dunder_in_place:
             return self.quantize_in_place(args, output, rt)
-        return q.quantize_outputs(output, rt)
+        oq = mods["output_quantizers"]
+        q = oq._modules.get("0")
+        if q is not None and type(output) is torch.Tensor:
+            return rt.apply(q, output)  # the common case of quantize_leaves, without its checks
+        return quantize_leaves(output, oq, rt)
+
+    def _reads_quantized(self, mods: dict) -> bool:
+        for q in mods["input_quantizers"]._modules.values():
+            if q is not None:
+                return True
+        if self.param_order:
+            pq = mods["param_quantizers"]._modules
+            return any(pq.get(k) is not None for k in self.param_order)
+        return False
 
     def quantize_in_place(self, args: tuple, output: Any, rt: Any) -> Any:
         """``x.add_(y)`` returns ``x``: quantize ``x`` itself, so later readers of it see the grid."""
@@ -52,11 +70,26 @@ class FunctionalSite:
         return output
 
     def _quantize_arguments(self, args: tuple, kwargs: dict, rt: Any) -> tuple[tuple, dict]:
+        mods = self.quantizers._modules
+        iq = mods["input_quantizers"]._modules
+        if (
+            not kwargs
+            and not self.param_order
+            and all(type(a) is torch.Tensor or not _nests(a) for a in args)
+        ):
+            # positional tensors and scalars (x + y, torch.matmul(a, b)): the leaves are the arguments
+            out = list(args)
+            slot = 0
+            for i, a in enumerate(args):
+                if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+                    inq = iq.get(str(slot))
+                    if inq is not None:
+                        out[i] = rt.apply(inq, a)
+                    slot += 1
+            return tuple(out), kwargs
         leaves, spec = pytree.tree_flatten((args, kwargs))
         slot = n_param = 0
-        q = self.quantizers
-        iq = q.input_quantizers._modules
-        pq = q.param_quantizers._modules
+        pq = mods["param_quantizers"]._modules
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, nn.Parameter):
                 if n_param < len(self.param_order):

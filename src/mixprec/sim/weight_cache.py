@@ -18,15 +18,15 @@ The fingerprint is two sums over the parameter, both recomputed each forward:
 - the int32 sum (wrapping, mod ``2**32``) of its bytes read as int32 words: a change of any single
   word changes it (``0 < |d| < 2**32``), so any single edited value is always seen;
 - position-weighted float sums: the parameter viewed as 64 rows, each column summed with fixed
-  pseudo-random row weights ``b`` in [0.5, 1.5), and the result folded once more the same way,
-  keeping ``numel / 4096`` sums. Moving values around (a swap, a permuted row, a ``copy_`` of a
+  pseudo-random row weights ``b`` in [0.5, 1.5) (and that result folded once more the same way
+  when it has more than 1024 sums). Moving values around (a swap, a permuted row, a ``copy_`` of a
   shuffled tensor) changes them unless the moved values agree to about 1e-5 of the weights'
   magnitude (float rounding of sums of 64 terms).
 
-They are one pass each at memory speed, together under half of what fake-quantizing the weight
-again costs; they run only for parameters of at least ``MIN_CACHED`` elements. Smaller ones are
-fake-quantized every forward (cheaper than the fingerprint's fixed cost of a few torch calls, and
-never stale). ``sim.clear_weight_cache()`` or ``sim.cache_quantized_weights = False`` remain for
+They are one pass each at memory speed, together under half of what fake-quantizing a large
+weight again costs. Small parameters on the 8-bit per-tensor fast path (see ``MIN_CACHED``) are
+instead fake-quantized every forward: cheaper than the fingerprint's fixed cost of a few torch
+calls, and never stale. ``sim.clear_weight_cache()`` or ``sim.cache_quantized_weights = False`` remain for
 anything else.
 """
 
@@ -39,30 +39,38 @@ import torch
 from torch import nn
 
 MIN_CACHED = 2**17
-"""Parameters with fewer elements are not cached: below it the fingerprint costs about as much as
-fake-quantizing again (measured on CPU: equal for per-tensor int8 weights at 2**17 elements, the
-fingerprint a third cheaper for per-channel ones)."""
+"""Parameters with fewer elements whose quantizer takes the 8-bit per-tensor fast path
+(``IntQuantizer._uint8``) are not cached: below this size the fingerprint costs about as much as
+fake-quantizing again (measured on CPU). Other quantizers (per channel, per block, 16-bit, fp8)
+cost several torch calls even on small tensors, so their parameters are cached at any size."""
 
-_WEIGHTS: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+_KEPT = 1024  # sums kept per parameter: one fold up to 65536 elements, two above
+_WEIGHTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _row_weights(device: torch.device, dtype: torch.dtype, rows: int) -> torch.Tensor:
-    """The fixed weights ``b`` of ``rows`` rows (the same in every process)."""
-    key = (device, dtype, rows)
+def _row_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The fixed weights ``b`` of the 64 rows (the same in every process)."""
+    key = (device, dtype)
     w = _WEIGHTS.get(key)
     if w is None:
         g = torch.Generator().manual_seed(0x6D70)
-        w = (torch.rand(64, generator=g, dtype=torch.float64) + 0.5)[:rows]
-        w = _WEIGHTS.setdefault(key, w.to(device=device, dtype=dtype))
+        w = _WEIGHTS.setdefault(
+            key, (torch.rand(64, generator=g, dtype=torch.float64) + 0.5).to(device, dtype)
+        )
     return w
 
 
 def _fold(values: torch.Tensor) -> torch.Tensor:
-    """``values`` (1-D) as up to 64 rows, each column's weighted sum over the rows."""
+    """``values`` (1-D) as 64 rows, each column's weighted sum over the rows (a tail of fewer than
+    64 values is kept, weighted)."""
+    b = _row_weights(values.device, values.dtype)
     n = values.numel()
-    rows = 64 if n % 64 == 0 else next(r for r in (32, 16, 8, 4, 2, 1) if n % r == 0)
-    # [rows, n / rows] transposed: the product reads memory once, in order
-    return torch.mv(values.view(rows, -1).t(), _row_weights(values.device, values.dtype, rows))
+    head = n - n % 64
+    if head == n:
+        # [64, n / 64] transposed: the product reads memory once, in order
+        return torch.mv(values.view(64, -1).t(), b)
+    tail = values[head:] * b[: n - head]
+    return torch.cat((torch.mv(values[:head].view(64, -1).t(), b), tail)) if head else tail
 
 
 def fingerprint(t: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -76,7 +84,8 @@ def fingerprint(t: torch.Tensor) -> tuple[int, torch.Tensor]:
         words = flat.view(torch.uint8).to(torch.int32)
     total = int(words.sum(dtype=torch.int32).item())
     values = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    return total, _fold(_fold(values))
+    sums = _fold(values)
+    return total, sums if sums.numel() <= _KEPT else _fold(sums)
 
 
 def _same(a: tuple[int, torch.Tensor], b: tuple[int, torch.Tensor]) -> bool:
@@ -141,7 +150,7 @@ class WeightCache:
     def get(
         self, q: nn.Module, param: torch.Tensor, apply: Callable[[nn.Module, torch.Tensor], Any]
     ) -> torch.Tensor:
-        if param.numel() < MIN_CACHED or _is_fake(param):
+        if _is_fake(param) or (param.numel() < MIN_CACHED and q.__dict__.get("_uint8") is not None):
             return apply(q, param)
         # learnable encodings (mixprec.quant.learnable) are parameters, changed by optimizer steps
         # in place and by `.data =` assignments: identity, version and address key them
