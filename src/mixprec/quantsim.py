@@ -144,8 +144,9 @@ class QuantizationSimModel(ReferenceSimAPI, PlaceAccess):
         """Reuse fake-quantized parameters across inference forwards (default True).
 
         Costs memory of about one copy of the quantized weights; False computes them every forward
-        (see docs/performance.md). In-place edits through ``param.data`` bypass the version counter
-        that the cache checks: call :meth:`clear_weight_cache` after those, or set this to False.
+        (see docs/performance.md). Every weight edit shows in the next forward, in-place edits
+        through ``param.data`` included: the cache checks a content fingerprint of each cached
+        parameter every forward (``mixprec.sim.weight_cache``).
         """
         return self._runtime.cache_weights
 

@@ -23,8 +23,8 @@ The fingerprint is two sums over the parameter, both recomputed each forward:
   shuffled tensor) changes them unless the moved values agree to about 1e-5 of the weights'
   magnitude (float rounding of sums of 64 terms).
 
-They are one pass each at memory speed, together under half of what fake-quantizing a large
-weight again costs. Small parameters on the 8-bit per-tensor fast path (see ``MIN_CACHED``) are
+They are one pass each at memory speed, together about 60% of what fake-quantizing a large
+weight per tensor again costs, 45% per channel (docs/performance.md). Small parameters on the 8-bit per-tensor fast path (see ``MIN_CACHED``) are
 instead fake-quantized every forward: cheaper than the fingerprint's fixed cost of a few torch
 calls, and never stale. ``sim.clear_weight_cache()`` or ``sim.cache_quantized_weights = False`` remain for
 anything else.
