@@ -150,7 +150,7 @@ class WeightCache:
     def get(
         self, q: nn.Module, param: torch.Tensor, apply: Callable[[nn.Module, torch.Tensor], Any]
     ) -> torch.Tensor:
-        if _is_fake(param) or (param.numel() < MIN_CACHED and q.__dict__.get("_uint8") is not None):
+        if (param.numel() < MIN_CACHED and q.__dict__.get("_uint8") is not None) or _is_fake(param):
             return apply(q, param)
         # learnable encodings (mixprec.quant.learnable) are parameters, changed by optimizer steps
         # in place and by `.data =` assignments: identity, version and address key them
