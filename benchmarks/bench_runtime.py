@@ -1,6 +1,6 @@
 """The quantized forward's cost next to the float model's, measured side by side in one process.
 
-Usage: python benchmarks/bench_runtime.py [--quick] [--compile] [--sections a,b]
+Usage: python benchmarks/bench_runtime.py [--quick] [--sections a,b]
 Prints a table and writes benchmarks/results/runtime.json. Each row times the float model and the
 calibrated sim alternately (same inputs, ``torch.no_grad``, median of the repetitions), so the
 ratio is not skewed by the machine's speed drifting between two separate runs.
@@ -8,7 +8,8 @@ ratio is not skewed by the machine's speed drifting between two separate runs.
 Sections: gpt2 (124M config, 4x128, sdpa), llama (tiny, sdpa and eager), resnet50 / mobilenet_v2
 (batch 8 at 224), compiled (sim vs float under torch.compile, inductor), calibration
 (compute_encodings of one resnet50 batch vs a float forward of it), memory (calibrated sim after a
-forward vs float weights).
+forward vs float weights), fingerprint (what the weight cache's per-forward check of every cached
+weight costs next to a float forward: resnet50 b8, GPT-2 4x128).
 """
 
 from __future__ import annotations
@@ -107,6 +108,18 @@ def calibration_row(reps: int) -> dict:
     return {"case": "compute_encodings resnet50 b8 (tf_enhanced) vs float forward", **row}
 
 
+def fingerprint_row(label: str, model, inputs, reps: int) -> dict:
+    """The weight cache's per-forward content check of every weight it holds, vs a float forward."""
+    from mixprec.sim.weight_cache import fingerprint
+
+    sim = calibrated(model, inputs)
+    with torch.no_grad():
+        call(sim.model, inputs)()
+        cached = [entry.param for entry in sim.runtime._param_cache._entries.values()]
+        row = side_by_side(call(model, inputs), lambda: [fingerprint(p) for p in cached], reps)
+    return {"case": f"weight-cache fingerprints of {label} ({len(cached)} weights) vs float forward", **row}
+
+
 def memory_row() -> dict:
     model, x = vision("resnet50", 8)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -130,7 +143,9 @@ def memory_row() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer layers and repetitions")
-    parser.add_argument("--sections", default="gpt2,llama,resnet50,mobilenet_v2,calibration,memory,compiled")
+    parser.add_argument(
+        "--sections", default="gpt2,llama,resnet50,mobilenet_v2,calibration,memory,fingerprint,compiled"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_flush_denormal(True)  # random weights go denormal in CNNs (see docs/performance.md)
@@ -158,6 +173,9 @@ def main() -> None:
         rows.append(compiled_row("GPT-2 4x128", *lm("gpt2", "sdpa", 4, 128, args.quick), reps))
     if "memory" in sections:
         rows.append(memory_row())
+    if "fingerprint" in sections:
+        rows.append(fingerprint_row("resnet50 b8", *vision("resnet50", 8), reps))
+        rows.append(fingerprint_row("GPT-2 4x128", *lm("gpt2", "sdpa", 4, 128, args.quick), reps))
     machine = {
         "machine": platform.node(),
         "processor": platform.processor() or platform.machine(),

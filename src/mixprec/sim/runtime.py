@@ -251,7 +251,7 @@ class SimRuntime:
             or torch.jit.is_tracing()
         ):
             return self.apply(q, param)
-        return self._param_cache.get(q, param, self.apply)
+        return self._param_cache.get(q, param, self.apply, self._local.__dict__.get("state"))
 
     def clear_cache(self) -> None:
         """Drop the cached fake-quantized parameters (they are rebuilt on the next forward)."""

@@ -94,7 +94,7 @@ def _same(a: tuple[int, torch.Tensor], b: tuple[int, torch.Tensor]) -> bool:
 
 
 class _Entry:
-    __slots__ = ("alias", "buffers", "fingerprint", "param", "q", "result", "states", "version")
+    __slots__ = ("alias", "buffers", "checked_in", "fingerprint", "param", "q", "result", "states", "version")
 
     def __init__(
         self,
@@ -113,6 +113,7 @@ class _Entry:
         self.states = _states(buffers)
         self.fingerprint = fp
         self.result = result
+        self.checked_in: object = None  # the forward whose fingerprint check last passed
 
     def keys_match(self, q: nn.Module, param: torch.Tensor, buffers: tuple) -> bool:
         alias = self.alias
@@ -148,19 +149,33 @@ class WeightCache:
         self._entries: dict[int, _Entry] = {}
 
     def get(
-        self, q: nn.Module, param: torch.Tensor, apply: Callable[[nn.Module, torch.Tensor], Any]
+        self,
+        q: nn.Module,
+        param: torch.Tensor,
+        apply: Callable[[nn.Module, torch.Tensor], Any],
+        forward: object = None,
     ) -> torch.Tensor:
+        """``q(param)``, from the cache when it is still valid. ``forward`` identifies the forward
+        in progress (None: unknown): a parameter read twice in one forward (tied embeddings) is
+        fingerprinted once."""
         if (param.numel() < MIN_CACHED and q.__dict__.get("_uint8") is not None) or _is_fake(param):
             return apply(q, param)
         # learnable encodings (mixprec.quant.learnable) are parameters, changed by optimizer steps
         # in place and by `.data =` assignments: identity, version and address key them
         buffers = (*q._buffers.values(), *q._parameters.values())
-        fp = fingerprint(param)
         entry = self._entries.get(id(q))
-        if entry is not None and entry.keys_match(q, param, buffers) and _same(fp, entry.fingerprint):
-            return entry.result
+        if entry is not None and entry.keys_match(q, param, buffers):
+            if forward is not None and entry.checked_in is forward:
+                return entry.result
+            fp = fingerprint(param)
+            if _same(fp, entry.fingerprint):
+                entry.checked_in = forward
+                return entry.result
+        else:
+            fp = fingerprint(param)
         result = apply(q, param)
-        self._entries[id(q)] = _Entry(q, param, buffers, fp, result)
+        entry = self._entries[id(q)] = _Entry(q, param, buffers, fp, result)
+        entry.checked_in = forward
         return result
 
     def clear(self) -> None:
