@@ -91,6 +91,13 @@ class LeafForward(OwnForwardView):
             for rel, _ in module.named_parameters(remove_duplicate=False)
         ]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickled before params carried their param_quantizers key
+        state["params"] = [
+            p if len(p) == 4 else (p[0], p[0].replace(".", ":"), *p[1:]) for p in state["params"]
+        ]
+        self.__dict__.update(state)
+
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)
 

@@ -203,6 +203,8 @@ class SimRuntime:
         return found
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "counted" in state:  # pickled before ``counted`` became a property
+            state["_counted"] = state.pop("counted")
         self.__dict__.update(state)
         self.factory = None
         self.tracing = None
