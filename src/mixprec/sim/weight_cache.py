@@ -23,8 +23,8 @@ The fingerprint is two sums over the parameter, both recomputed each forward:
   shuffled tensor) changes them unless the moved values agree to about 1e-5 of the weights'
   magnitude (float rounding of sums of 64 terms).
 
-They are one pass each at memory speed, together about 60% of what fake-quantizing a large
-weight per tensor again costs, 45% per channel (docs/performance.md). Small parameters on the 8-bit per-tensor fast path (see ``MIN_CACHED``) are
+They are one pass each at memory speed, cheaper than fake-quantizing a large weight again (their
+cost per forward is in docs/performance.md). Small parameters on the 8-bit per-tensor fast path (see ``MIN_CACHED``) are
 instead fake-quantized every forward: cheaper than the fingerprint's fixed cost of a few torch
 calls, and never stale. ``sim.clear_weight_cache()`` or ``sim.cache_quantized_weights = False`` remain for
 anything else.
@@ -40,8 +40,8 @@ from torch import nn
 
 MIN_CACHED = 2**17
 """Parameters with fewer elements whose quantizer takes the 8-bit per-tensor fast path
-(``IntQuantizer._uint8``) are not cached: below this size the fingerprint costs about as much as
-fake-quantizing again (measured on CPU). Other quantizers (per channel, per block, 16-bit, fp8)
+(``IntQuantizer._uint8``) are not cached: below this size the fingerprint's few torch calls cost
+about as much as fake-quantizing again on CPU. Other quantizers (per channel, per block, 16-bit, fp8)
 cost several torch calls even on small tensors, so their parameters are cached at any size."""
 
 _KEPT = 1024  # sums kept per parameter: one fold up to 65536 elements, two above
