@@ -38,6 +38,8 @@ __all__ = [
 ]  # fmt: skip
 
 MISSING = object()
+# per-process state of a runtime, rebuilt on unpickling
+_TRANSIENT = {"_local", "_trace_state", "_param_cache", "_lock", "factory", "tracing", "_counted_memo"}
 
 
 def param_key(name: str) -> str:
@@ -58,8 +60,7 @@ class LayerQuantizers(nn.Module):
         self.output_quantizers = nn.ModuleList([None] * n_outputs)
         self.param_quantizers = nn.ModuleDict({k: None for k in param_keys})
 
-    # the hot paths read submodules from ``_modules`` directly: nn.Module.__getattr__ costs a
-    # Python call per attribute, several times per layer per forward
+    # hot paths read ``_modules`` directly: nn.Module.__getattr__ is a Python call per attribute
     def has_input_quantizers(self) -> bool:
         for q in self._modules["input_quantizers"]._modules.values():
             if q is not None:
@@ -117,12 +118,9 @@ class ForwardState:
         self.mode: QuantizationMode | None = None  # the mode of this forward, once entered (eager)
 
     def pop_mode(self) -> QuantizationMode | None:
-        """Take this forward's mode off the top of the torch-function mode stack, if it is there.
-
-        A leaf module's own calls are never sites (``leaf_depth``), so its wrapper runs them
-        without the mode: each torch call under a mode costs a Python call. Returns the mode to
-        push back, or None (another mode above it, or none entered yet: nothing popped).
-        """
+        """Take this forward's mode off the torch-function mode stack if it is on top (a leaf's own
+        calls are never sites, and each call under a mode costs a Python call); returns it, to push
+        back after the leaf, or None where nothing was popped."""
         mode = self.mode
         if mode is None or not torch._C._len_torch_function_stack():
             return None
@@ -148,7 +146,7 @@ class SimRuntime:
 
     def __init__(self) -> None:
         self.sites: dict[SiteKey, FunctionalSite | None] = {}
-        self._counted: frozenset[str] = frozenset()
+        self.counted: frozenset[str] = frozenset()
         self.input_quantizers: nn.ModuleList | None = None
         self.factory: SiteFactory | None = None
         self.calibration_scheme: Any = None
@@ -161,50 +159,30 @@ class SimRuntime:
         self._trace_state: ForwardState | None = None
         self._param_cache = WeightCache()
         self._lock = threading.RLock()
-        self._counted_memo: dict[Any, str | None] = {}
+        self._counted_memo: tuple[frozenset[str], dict[Any, str | None]] = (self.counted, {})
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        for name in (
-            "_local",
-            "_trace_state",
-            "_param_cache",
-            "_lock",
-            "factory",
-            "tracing",
-            "_counted_memo",
-        ):
-            state.pop(name, None)
-        return state
-
-    @property
-    def counted(self) -> frozenset[str]:
-        """Canonical names of the functions whose calls need a site identity."""
-        return self._counted
-
-    @counted.setter
-    def counted(self, names: frozenset[str]) -> None:
-        self._counted = names
-        self._counted_memo = {}
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
 
     def counted_name(self, func: Callable) -> str | None:
-        """``func``'s canonical name if its calls are counted, else None; memoized per function
-        object in eager mode (the mode asks for every torch call of the forward)."""
+        """``func``'s canonical name if its calls are counted (or it is sdpa), else None; memoized
+        per function object for the current ``counted`` (the mode asks for every torch call)."""
+        memo = self._counted_memo
+        if memo[0] is not self.counted:
+            memo = self._counted_memo = (self.counted, {})
         try:
-            return self._counted_memo[func]
-        except KeyError:
+            return memo[1][func]
+        except (KeyError, TypeError):
             pass
-        except TypeError:  # an unhashable callable
-            canonical = canonical_name(func)
-            return canonical if canonical in self._counted or canonical == sdpa.NAME else None
         canonical = canonical_name(func)
-        found = canonical if canonical in self._counted or canonical == sdpa.NAME else None
-        self._counted_memo[func] = found
+        found = canonical if canonical in self.counted or canonical == sdpa.NAME else None
+        try:
+            memo[1][func] = found
+        except TypeError:  # an unhashable callable is not memoized
+            pass
         return found
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if "counted" in state:  # pickled before ``counted`` became a property
-            state["_counted"] = state.pop("counted")
         self.__dict__.update(state)
         self.factory = None
         self.tracing = None
@@ -231,18 +209,12 @@ class SimRuntime:
             return tracing.mark(q, x)
         if q._forward_pre_hooks or q._forward_hooks or q._backward_hooks or q._backward_pre_hooks:
             return q(x)
-        # quantizers are the sim's own modules: in eager mode their forward is called directly,
-        # skipping nn.Module.__call__ and the process-wide hooks it would run (see foreign.py);
-        # dynamo traces the call as a module call either way
+        # the sim's own modules: called directly in eager mode, without nn.Module.__call__ and its hooks
         return q(x) if torch.compiler.is_compiling() else q.forward(x)
 
     def quantized_param(self, q: nn.Module, param: torch.Tensor) -> torch.Tensor:
-        """``q(param)``, reused across forwards while neither the parameter nor the encoding changed.
-
-        Only where no gradient flows (inference, calibration of later layers): training must see a
-        fresh fake-quant node every step. See :class:`mixprec.sim.weight_cache.WeightCache` for
-        what is checked each forward.
-        """
+        """``q(param)``, reused across forwards while valid (:class:`~mixprec.sim.weight_cache.WeightCache`)
+        where no gradient flows: training must see a fresh fake-quant node every step."""
         if self.tracing is not None:
             return self.tracing.mark(q, param)
         if (
@@ -372,45 +344,28 @@ class QuantizationMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         st = self.fstate
-        scope = st.scope[-1]
-        if st.leaf_depth or scope is None:
+        if st.leaf_depth or st.scope[-1] is None:
             return func(*args, **kwargs)
         if torch.compiler.is_compiling():
             canonical = canonical_name(func)
-            if canonical == sdpa.NAME:
-                return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
-            return self.dispatch(func, args, kwargs, canonical)
-        # eager: the same steps as dispatch, inlined (this runs for every torch call of the forward)
-        rt = self.runtime
-        canonical = rt.counted_name(func)
-        if canonical is None:  # most calls: nothing to count, look up or quantize
-            return func(*args, **kwargs)
+        else:
+            canonical = self.runtime.counted_name(func)
+            if canonical is None:  # most calls: nothing to count, look up or quantize
+                return func(*args, **kwargs)
         if canonical == sdpa.NAME:
             return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
-        counts = st.counts
-        counter = (scope, canonical)
-        ordinal = counts.get(counter, 0)
-        counts[counter] = ordinal + 1
-        key = (scope, canonical, ordinal)
-        site = rt.sites.get(key, MISSING)
-        if site is None:
-            return func(*args, **kwargs)
-        if site is MISSING:
-            return rt.new_function_call(func, key, args, kwargs)
-        return site.call(func, args, kwargs, rt)
+        return self.dispatch(func, args, kwargs, canonical)
 
     def dispatch(self, func: Callable, args: tuple, kwargs: dict, canonical: str | None = None) -> Any:
         """Run one functional call at its site: counted, looked up, quantized (or grown)."""
-        st = self.fstate
+        st, rt = self.fstate, self.runtime
         scope = st.scope[-1]
-        rt = self.runtime
         if canonical is None:
             canonical = canonical_name(func)
         if canonical not in rt.counted:
             return func(*args, **kwargs)
-        counter = (scope, canonical)
-        ordinal = st.counts.get(counter, 0)
-        st.counts[counter] = ordinal + 1
+        ordinal = st.counts.get((scope, canonical), 0)
+        st.counts[(scope, canonical)] = ordinal + 1
         key = (scope, canonical, ordinal)
         site = rt.sites.get(key, MISSING)
         if site is None:
