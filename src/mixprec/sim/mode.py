@@ -46,17 +46,24 @@ class QuantizationMode(TorchFunctionMode):
             self.runtime.set_state(None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if kwargs is None:
-            kwargs = {}
+        # the mode sees every torch call outside leaf modules (shape reads, views, indexing): the
+        # pass-through of a call that is never a site is kept to a few attribute reads
         st = self.fstate
         if st.leaf_depth or st.scope[-1] is None:
-            return func(*args, **kwargs)
+            return func(*args, **kwargs) if kwargs else func(*args)
         if torch.compiler.is_compiling():
             canonical = canonical_name(func)
         else:
-            canonical = self.runtime.counted_name(func)
+            rt = self.runtime
+            memo = rt._counted_memo  # SimRuntime.counted_name's memo, read inline
+            try:
+                canonical = memo[1][func] if memo[0] is rt.counted else rt.counted_name(func)
+            except (KeyError, TypeError):
+                canonical = rt.counted_name(func)
             if canonical is None:  # most calls: nothing to count, look up or quantize
-                return func(*args, **kwargs)
+                return func(*args, **kwargs) if kwargs else func(*args)
+        if kwargs is None:
+            kwargs = {}
         if canonical == sdpa.NAME:
             return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
         return self.dispatch(func, args, kwargs, canonical)
@@ -66,11 +73,13 @@ class QuantizationMode(TorchFunctionMode):
         st, rt = self.fstate, self.runtime
         scope = st.scope[-1]
         if canonical is None:
-            canonical = canonical_name(func)
-        if canonical not in rt.counted:
+            canonical = canonical_name(func) if torch.compiler.is_compiling() else rt.counted_name(func)
+        if canonical is None or canonical not in rt.counted:
             return func(*args, **kwargs)
-        ordinal = st.counts.get((scope, canonical), 0)
-        st.counts[(scope, canonical)] = ordinal + 1
+        counts = st.counts
+        counter = (scope, canonical)
+        ordinal = counts.get(counter, 0)
+        counts[counter] = ordinal + 1
         key = (scope, canonical, ordinal)
         site = rt.sites.get(key, MISSING)
         if site is None:

@@ -29,7 +29,7 @@ from mixprec.errors import CaptureError
 from mixprec.sim.forwards import LeafForward, quantize_leaves
 from mixprec.sim.rootview import original_class, quantized_class
 from mixprec.sim.sitecall import FunctionalSite
-from mixprec.sim.weight_cache import WeightCache
+from mixprec.sim.weight_cache import MIN_CACHED, WeightCache
 
 __all__ = [
     "ForwardState", "FunctionalSite", "LayerQuantizers", "LeafForward", "SimRuntime", "original_class",
@@ -216,6 +216,8 @@ class SimRuntime:
         where no gradient flows: training must see a fresh fake-quant node every step."""
         if self.tracing is not None:
             return self.tracing.mark(q, param)
+        if param.numel() < MIN_CACHED and q.__dict__.get("_uint8") is not None:
+            return self.apply(q, param)  # never cached (WeightCache.get): skip the checks below
         if (
             not self.cache_weights
             or (param.requires_grad and torch.is_grad_enabled())
