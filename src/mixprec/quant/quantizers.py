@@ -144,6 +144,8 @@ class IntQuantizer(QuantizerBase):
             and (type(x) is torch.Tensor or type(x) is torch.nn.Parameter)
             and not torch.compiler.is_compiling()
         ):
+            if qm._QUINT8_PATH[1]:  # known to work: the kernels directly (a Python call less)
+                return torch.quantize_per_tensor(x, grid[0], grid[1], torch.quint8).dequantize()
             out = qm.fake_quantize_uint8(x, grid)
             if out is not None:
                 return out

@@ -103,7 +103,9 @@ class LeafForward(OwnForwardView):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rt = self.runtime
-        st = rt.state()
+        compiling = torch.compiler.is_compiling()
+        # rt.state(), inline: this runs for every leaf call
+        st = rt._trace_state if compiling else rt._local.__dict__.get("state")
         if st is None:
             sites = self.module._modules.get("mixprec_sites")
             if sites is None or not len(sites):
@@ -116,7 +118,7 @@ class LeafForward(OwnForwardView):
         index = counts.get(self.name, 0)
         counts[self.name] = index + 1
         st.leaf_depth += 1
-        if torch.compiler.is_compiling():
+        if compiling:
             # no try/finally under dynamo: it cannot resume a graph broken inside one (a site first
             # met under compile, sim/compiled.py); a raising forward's state is dropped anyway
             if sites is None or index >= len(sites):
@@ -126,10 +128,12 @@ class LeafForward(OwnForwardView):
             st.leaf_depth -= 1
             return output
         mode = st.pop_mode()
+        # eager: ModuleList's __len__ / __getitem__ are Python calls, its _modules ("0", "1", ...) are not
+        site = None if sites is None else sites._modules.get(str(index))
         try:
-            if sites is None or index >= len(sites):
+            if site is None:
                 return rt.new_module_call(self, index, args, kwargs)
-            return self.run(sites[index], args, kwargs)
+            return self.run(site, args, kwargs)
         finally:
             if mode is not None:
                 torch._C._push_on_torch_function_stack(mode)
@@ -155,7 +159,9 @@ class LeafForward(OwnForwardView):
         kind = self.kind
         if kind != "generic" and len(args) == 1 and not kwargs:
             x = args[0]
-            w = quantized.get("weight", m.weight)
+            w = quantized.get("weight")
+            if w is None:  # only then: m.weight is a Python call (nn.Module.__getattr__)
+                w = m.weight
             b = quantized.get("bias", m._parameters.get("bias"))
             if kind == "linear":
                 return F.linear(x, w, b)

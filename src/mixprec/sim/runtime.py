@@ -3,8 +3,8 @@
 Nothing is class-swapped (see docs/capture.md): each leaf module of ``sim.model`` gets an instance
 ``forward`` (a :class:`LeafForward`) that quantizes inputs, parameters and outputs; every other
 module gets forward pre/post hooks that keep the stack of executing modules; the root gets a
-:class:`RootForward` that quantizes the model inputs and enters a :class:`QuantizationMode` for
-the duration of the forward. All of these are plain picklable objects, so ``torch.save``,
+``RootForward`` that quantizes the model inputs and enters a ``QuantizationMode`` for the duration
+of the forward (both in :mod:`mixprec.sim.mode`). All of these are plain picklable objects, so ``torch.save``,
 ``copy.deepcopy`` and ``torch.compile`` see ordinary modules.
 
 Per-forward state (:class:`ForwardState`: the scope stack, call counters) lives in a thread-local
@@ -26,15 +26,14 @@ from torch.utils import _pytree as pytree
 from mixprec.capture import sdpa
 from mixprec.capture.callsite import SiteKey, canonical_name
 from mixprec.errors import CaptureError
-from mixprec.sim import foreign
-from mixprec.sim.forwards import LeafForward, OwnForwardView, quantize_leaves
+from mixprec.sim.forwards import LeafForward, quantize_leaves
 from mixprec.sim.rootview import original_class, quantized_class
 from mixprec.sim.sitecall import FunctionalSite
-from mixprec.sim.weight_cache import WeightCache
+from mixprec.sim.weight_cache import MIN_CACHED, WeightCache
 
 __all__ = [
-    "ForwardState", "FunctionalSite", "LayerQuantizers", "LeafForward", "QuantizationMode", "RootForward",
-    "ScopeHook", "SimRuntime", "original_class", "param_key", "quantized_class",
+    "ForwardState", "FunctionalSite", "LayerQuantizers", "LeafForward", "SimRuntime", "original_class",
+    "param_key", "quantized_class",
 ]  # fmt: skip
 
 MISSING = object()
@@ -115,9 +114,9 @@ class ForwardState:
         self.scope: list[str | None] = [""]
         self.counts: dict[Any, int] = {}
         self.leaf_depth = 0
-        self.mode: QuantizationMode | None = None  # the mode of this forward, once entered (eager)
+        self.mode: TorchFunctionMode | None = None  # the mode of this forward, once entered (eager)
 
-    def pop_mode(self) -> QuantizationMode | None:
+    def pop_mode(self) -> TorchFunctionMode | None:
         """Take this forward's mode off the torch-function mode stack if it is on top (a leaf's own
         calls are never sites, and each call under a mode costs a Python call); returns it, to push
         back after the leaf, or None where nothing was popped."""
@@ -217,6 +216,8 @@ class SimRuntime:
         where no gradient flows: training must see a fresh fake-quant node every step."""
         if self.tracing is not None:
             return self.tracing.mark(q, param)
+        if param.numel() < MIN_CACHED and q.__dict__.get("_uint8") is not None:
+            return self.apply(q, param)  # never cached (WeightCache.get): skip the checks below
         if (
             not self.cache_weights
             or (param.requires_grad and torch.is_grad_enabled())
@@ -316,117 +317,3 @@ class SimRuntime:
                 "sim.compute_encodings(forward_pass_callback, args) on data that takes this path"
             )
         return False
-
-
-class QuantizationMode(TorchFunctionMode):
-    """Active during ``sim.model``'s forward: routes functional calls to their sites' quantizers."""
-
-    def __init__(self, runtime: SimRuntime, state: ForwardState, publish: bool = False) -> None:
-        super().__init__()
-        self.runtime = runtime
-        self.fstate = state
-        self.publish = publish
-
-    # with publish (compiled forwards), entering makes ``state`` the runtime's forward in progress
-    # and leaving clears it, also when the forward raises: dynamo resumes a graph broken inside a
-    # mode's ``with`` block, but not one broken inside try/finally (see RootForward)
-    def __enter__(self) -> QuantizationMode:
-        if self.publish:
-            self.runtime.set_state(self.fstate)
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
-        if self.publish:
-            self.runtime.set_state(None)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if kwargs is None:
-            kwargs = {}
-        st = self.fstate
-        if st.leaf_depth or st.scope[-1] is None:
-            return func(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            canonical = canonical_name(func)
-        else:
-            canonical = self.runtime.counted_name(func)
-            if canonical is None:  # most calls: nothing to count, look up or quantize
-                return func(*args, **kwargs)
-        if canonical == sdpa.NAME:
-            return sdpa.decomposed_sdpa(self.dispatch, *args, **kwargs)
-        return self.dispatch(func, args, kwargs, canonical)
-
-    def dispatch(self, func: Callable, args: tuple, kwargs: dict, canonical: str | None = None) -> Any:
-        """Run one functional call at its site: counted, looked up, quantized (or grown)."""
-        st, rt = self.fstate, self.runtime
-        scope = st.scope[-1]
-        if canonical is None:
-            canonical = canonical_name(func)
-        if canonical not in rt.counted:
-            return func(*args, **kwargs)
-        ordinal = st.counts.get((scope, canonical), 0)
-        st.counts[(scope, canonical)] = ordinal + 1
-        key = (scope, canonical, ordinal)
-        site = rt.sites.get(key, MISSING)
-        if site is None:
-            return func(*args, **kwargs)
-        if site is MISSING:
-            return rt.new_function_call(func, key, args, kwargs)
-        return site.call(func, args, kwargs, rt)
-
-
-class ScopeHook:
-    """Forward pre/post hook of a non-leaf module: pushes/pops its name on the forward's scope."""
-
-    def __init__(self, runtime: SimRuntime, name: str, enter: bool) -> None:
-        self.runtime = runtime
-        self.name = name
-        self.enter = enter
-
-    def __call__(self, module: nn.Module, args: Any, *rest: Any) -> None:
-        rt = self.runtime
-        st = rt._trace_state if torch.compiler.is_compiling() else rt._local.__dict__.get("state")
-        if st is None:
-            return
-        if self.enter:
-            st.scope.append(self.name)
-        elif len(st.scope) > 1:
-            st.scope.pop()
-
-
-class RootForward(OwnForwardView):
-    """The root's instance ``forward``: quantizes model inputs and runs the forward in the mode."""
-
-    def __init__(self, module: nn.Module, runtime: SimRuntime) -> None:
-        self.module = module
-        self.runtime = runtime
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        rt = self.runtime
-        original = type(self.module).forward
-        iq = rt.input_quantizers
-        if torch.compiler.is_compiling():
-            # no try/finally here: a graph break in it (a site first met under compile, see
-            # sim/compiled.py) would make dynamo run this whole forward as many small graphs;
-            # the mode publishes and clears the state instead. The traced slot is not read here:
-            # it may hold an eager forward's state (set_state), which is no re-entry of this one.
-            # Isolation is eager-only.
-            st = ForwardState(rt)
-            if iq is not None and any(q is not None for q in iq._modules.values()):
-                args, kwargs = quantize_leaves((args, kwargs), iq, rt)
-            with QuantizationMode(rt, st, publish=True):
-                return original(self.module, *args, **kwargs)
-        if rt.state() is not None:  # the root re-entered from its own forward: nothing new to set up
-            return original(self.module, *args, **kwargs)
-        st = ForwardState(rt)
-        rt.set_state(st)
-        foreign.enter(st)
-        try:
-            if iq is not None and any(q is not None for q in iq._modules.values()):
-                args, kwargs = quantize_leaves((args, kwargs), iq, rt)
-            with QuantizationMode(rt, st) as mode:
-                st.mode = mode
-                return original(self.module, *args, **kwargs)
-        finally:
-            foreign.leave(st)
-            rt.set_state(None)

@@ -29,16 +29,9 @@ from mixprec.capture.callsite import (
 from mixprec.capture.graph import Layer, LayerKind, ParamRef
 from mixprec.capture.recorder import CaptureResult, is_leaf, module_layer_fields, module_param_refs
 from mixprec.sim.forwards import LeafForward
+from mixprec.sim.mode import RootForward, ScopeHook
 from mixprec.sim.placement import layer_templates
-from mixprec.sim.runtime import (
-    FunctionalSite,
-    LayerQuantizers,
-    RootForward,
-    ScopeHook,
-    SimRuntime,
-    param_key,
-    quantized_class,
-)
+from mixprec.sim.runtime import FunctionalSite, LayerQuantizers, SimRuntime, param_key, quantized_class
 
 logger = logging.getLogger(__name__)
 
