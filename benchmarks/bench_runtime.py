@@ -9,7 +9,9 @@ Sections: gpt2 (124M config, 4x128, sdpa), llama (tiny, sdpa and eager), resnet5
 (batch 8 at 224), compiled (sim vs float under torch.compile, inductor), calibration
 (compute_encodings of one resnet50 batch vs a float forward of it), memory (calibrated sim after a
 forward vs float weights), fingerprint (what the weight cache's per-forward check of every cached
-weight costs next to a float forward: resnet50 b8, GPT-2 4x128).
+weight costs next to a float forward: resnet50 b8, GPT-2 4x128); breakdown (not run by default: tiny
+Llama and mobilenet_v2 forwards split into fake-quant kernels, foreign-module hooks and the rest of
+the runtime's interception).
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._timing import speed_probe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "runtime.json"
 
@@ -98,6 +107,76 @@ def compiled_row(label: str, model, inputs, reps: int) -> dict:
     return {"case": f"{label} compiled (inductor)", **row}
 
 
+def quantizer_calls(sim, run_sim: Callable[[], object]) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """The (quantizer, input) pairs of one inference forward, after one that filled the weight cache."""
+    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    apply = sim.runtime.apply
+    with torch.no_grad():
+        run_sim()
+        sim.runtime.apply = lambda q, x: seen.append((q, x)) or apply(q, x)
+        try:
+            run_sim()
+        finally:
+            del sim.runtime.apply  # the instance attribute: the class's method again
+    return seen
+
+
+def breakdown_row(label: str, model, inputs, reps: int, alone: bool) -> dict:
+    """Where a sim forward's time goes: float, the sim, the sim with every quantizer returning its
+    input (all the runtime's interception, no fake-quant kernels), and the sim without the
+    foreign-module hooks (sim/foreign.py), timed in turn in one loop (median of each)."""
+    from mixprec.quant.quantizers import IntQuantizer
+    from mixprec.sim import mode
+
+    sim = calibrated(model, inputs)
+    run_sim = call(sim.model, inputs)
+    quantize, enter, leave = IntQuantizer.forward, mode.foreign.enter, mode.foreign.leave
+
+    def identity_quantizers() -> object:
+        IntQuantizer.forward = lambda self, x: x
+        try:
+            return run_sim()
+        finally:
+            IntQuantizer.forward = quantize
+
+    def without_foreign_hooks() -> object:
+        mode.foreign.enter = mode.foreign.leave = lambda state: None
+        try:
+            return run_sim()
+        finally:
+            mode.foreign.enter, mode.foreign.leave = enter, leave
+
+    fns = {"float_s": call(model, inputs), "sim_s": run_sim, "identity_quantizers_s": identity_quantizers,
+           "no_foreign_hooks_s": without_foreign_hooks}  # fmt: skip
+    seen = quantizer_calls(sim, run_sim) if alone else []
+    if alone:
+        # the same quantizer calls on the same tensors, outside the model: the kernels alone (small
+        # models only: holding a CNN's activations changes how everything else runs)
+        fns["quantizer_calls_alone_s"] = lambda: [q.forward(x) for q, x in seen]
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(reps):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    row = {k: statistics.median(v) for k, v in times.items()}
+    row["quantizer_calls"] = len(seen)
+    f = row["float_s"]
+    return {
+        "case": f"breakdown: {label}",
+        **row,
+        "ratio": row["sim_s"] / f,
+        "fake_quant_kernels_over_float": (row["sim_s"] - row["identity_quantizers_s"]) / f,
+        "foreign_hooks_over_float": (row["sim_s"] - row["no_foreign_hooks_s"]) / f,
+        "quantizer_calls_alone_over_float": row.get("quantizer_calls_alone_s", float("nan")) / f,
+        "rest_over_float": (row["identity_quantizers_s"] - f) / f
+        - (row["sim_s"] - row["no_foreign_hooks_s"]) / f,
+    }
+
+
 def calibration_row(reps: int) -> dict:
     import mixprec
 
@@ -151,6 +230,7 @@ def main() -> None:
     torch.set_flush_denormal(True)  # random weights go denormal in CNNs (see docs/performance.md)
     sections = set(args.sections.split(","))
     reps = 3 if args.quick else 7
+    probe_start = speed_probe()
     rows = []
     if "gpt2" in sections:
         rows.append(
@@ -163,6 +243,11 @@ def main() -> None:
                     f"tiny Llama 2x16 ({attention})", *lm("llama", attention, 2, 16, args.quick), reps * 3
                 )
             )
+    if "breakdown" in sections:
+        for attention in ("sdpa", "eager"):
+            model, inputs = lm("llama", attention, 2, 16, args.quick)
+            rows.append(breakdown_row(f"tiny Llama 2x16 ({attention})", model, inputs, reps * 40, True))
+        rows.append(breakdown_row("mobilenet_v2 b8 224", *vision("mobilenet_v2", 8), reps * 2, False))
     for name in ("resnet50", "mobilenet_v2"):
         if name in sections:
             rows.append(forward_row(f"{name} b8 224", *vision(name, 8), reps))
@@ -182,14 +267,34 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": "cpu (no GPU on this machine)",
+        # milliseconds of a fixed matmul workload (benchmarks/_timing.py) before and after the rows:
+        # when they differ, the machine's speed changed during the run
+        "speed_probe_ms": [probe_start, speed_probe()],
     }
     for row in rows:
-        if "ratio" in row:
+        if row["case"].startswith("breakdown"):
+            print(
+                f"{row['case']:<40} float {row['float_s'] * 1e3:8.2f} ms  sim x{row['ratio']:.2f} = 1 + "
+                f"fake-quant kernels {row['fake_quant_kernels_over_float']:.2f} + foreign-module hooks "
+                f"{row['foreign_hooks_over_float']:.2f} + other interception {row['rest_over_float']:.2f}"
+                + (
+                    f"; its {row['quantizer_calls']} quantizer calls alone, outside the model: "
+                    f"{row['quantizer_calls_alone_over_float']:.2f}"
+                    if row["quantizer_calls"]
+                    else ""
+                )
+            )
+        elif "ratio" in row:
             print(
                 f"{row['case']:<70} float {row['float_s'] * 1e3:9.1f} ms  sim {row['sim_s'] * 1e3:9.1f} ms  x{row['ratio']:.2f}"
             )
         else:
             print(f"{row['case']:<70} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "case"))
+    run = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "speed_probe_ms": machine["speed_probe_ms"],
+    }
+    rows = [{**row, "run": run} for row in rows]  # rows merged from earlier runs keep their own
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged = {r["case"]: r for r in previous.get("rows", [])} | {r["case"]: r for r in rows}
