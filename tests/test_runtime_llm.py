@@ -174,3 +174,64 @@ def test_request_matching_nothing_warns_naming_it():
     sim = QuantizationSimModel(model, dummy_input=inputs)
     with pytest.warns(UserWarning, match=r"set_precision\(torch.*bmm.* matches no quantized layer"):
         MixedPrecisionConfigurator(sim).set_precision(torch.bmm, activation="int16")
+
+
+def more_decoders():
+    """Tiny configs of other decoder families, each with its own attention and cache code."""
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    sized = dict(common, intermediate_size=128, max_position_embeddings=128)
+    return {
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=2, **sized)),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(num_key_value_heads=2, head_dim=16, **sized)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **sized)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**sized)),
+        "opt": lambda: tf.OPTForCausalLM(
+            tf.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128, **common)
+        ),
+        "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(**common)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma", "phi3", "gpt_neox", "opt", "falcon"])
+def test_other_decoder_families_run_quantized_with_a_kv_cache_recipe(name, tmp_path):
+    from transformers import BatchEncoding
+
+    torch.manual_seed(0)
+    model = more_decoders()[name]().eval()
+    x = ids(2, 7, seed=2)
+    sim = QuantizationSimModel(
+        model, dummy_input=BatchEncoding({"input_ids": x, "attention_mask": torch.ones_like(x)}),
+        config_file="per_channel",
+    )  # fmt: skip
+    mp = MixedPrecisionConfigurator(sim)
+    mp.set_precision("*.kv_cache.*", activation="int16")
+    report = mp.apply(log_file=None)
+    cache_rows = [r for r in sim.precision_table() if ".kv_cache." in r["name"]]
+    assert len(cache_rows) == 4 and all(r["outputs"] == ["int16"] for r in cache_rows)
+    assert report.to_dict()["unmatched"] == []
+
+    def calibrate(m, _):
+        for left in (False, True):
+            x, mask = padded(3, 16, left, seed=5)
+            m(x, attention_mask=mask)
+            m(x, attention_mask=mask, labels=x, use_cache=False)
+        m.generate(x[:1, :6], max_new_tokens=3, do_sample=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim.compute_encodings(calibrate, None)
+        x, mask = padded(3, 40, True, seed=9)
+        with torch.no_grad():
+            for use_cache in (True, False):
+                out = sim.model.generate(x[1:2, :9], max_new_tokens=4, do_sample=False, use_cache=use_cache)
+                assert out.shape == (1, 13)
+            logits = sim.model(x, attention_mask=mask).logits
+            ref = model(x, attention_mask=mask).logits
+            kept = mask.bool()
+            assert not torch.equal(logits, ref) and sqnr_db(ref[kept], logits[kept]) > 15
+            assert torch.isfinite(sim.model(x, attention_mask=mask, labels=x).loss)
+            torch.save(sim.model, tmp_path / "sim.pt")
+            loaded = torch.load(tmp_path / "sim.pt", weights_only=False)
+            assert torch.equal(loaded(x, attention_mask=mask).logits, logits)
