@@ -148,10 +148,11 @@ def breakdown_row(label: str, model, inputs, reps: int, alone: bool) -> dict:
 
     fns = {"float_s": call(model, inputs), "sim_s": run_sim, "identity_quantizers_s": identity_quantizers,
            "no_foreign_hooks_s": without_foreign_hooks}  # fmt: skip
-    seen = quantizer_calls(sim, run_sim) if alone else []
+    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
     if alone:
         # the same quantizer calls on the same tensors, outside the model: the kernels alone (small
         # models only: holding a CNN's activations changes how everything else runs)
+        seen = quantizer_calls(sim, run_sim)
         fns["quantizer_calls_alone_s"] = lambda: [q.forward(x) for q, x in seen]
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
@@ -163,18 +164,22 @@ def breakdown_row(label: str, model, inputs, reps: int, alone: bool) -> dict:
                 fn()
                 times[key].append(time.perf_counter() - start)
     row = {k: statistics.median(v) for k, v in times.items()}
-    row["quantizer_calls"] = len(seen)
     f = row["float_s"]
-    return {
+    hooks = (row["sim_s"] - row["no_foreign_hooks_s"]) / f
+    out = {
         "case": f"breakdown: {label}",
         **row,
         "ratio": row["sim_s"] / f,
         "fake_quant_kernels_over_float": (row["sim_s"] - row["identity_quantizers_s"]) / f,
-        "foreign_hooks_over_float": (row["sim_s"] - row["no_foreign_hooks_s"]) / f,
-        "quantizer_calls_alone_over_float": row.get("quantizer_calls_alone_s", float("nan")) / f,
-        "rest_over_float": (row["identity_quantizers_s"] - f) / f
-        - (row["sim_s"] - row["no_foreign_hooks_s"]) / f,
+        "foreign_hooks_over_float": hooks,
+        "rest_over_float": (row["identity_quantizers_s"] - f) / f - hooks,
     }
+    if alone:
+        out |= {
+            "quantizer_calls": len(seen),
+            "quantizer_calls_alone_over_float": row["quantizer_calls_alone_s"] / f,
+        }
+    return out
 
 
 def calibration_row(reps: int) -> dict:
@@ -280,7 +285,7 @@ def main() -> None:
                 + (
                     f"; its {row['quantizer_calls']} quantizer calls alone, outside the model: "
                     f"{row['quantizer_calls_alone_over_float']:.2f}"
-                    if row["quantizer_calls"]
+                    if "quantizer_calls" in row
                     else ""
                 )
             )
