@@ -6,12 +6,12 @@ calibrated sim alternately (same inputs, ``torch.no_grad``, median of the repeti
 ratio is not skewed by the machine's speed drifting between two separate runs.
 
 Sections: gpt2 (124M config, 4x128, sdpa), llama (tiny, sdpa and eager), resnet50 / mobilenet_v2
-(batch 8 at 224), compiled (sim vs float under torch.compile, inductor), calibration
-(compute_encodings of one resnet50 batch vs a float forward of it), memory (calibrated sim after a
-forward vs float weights), fingerprint (what the weight cache's per-forward check of every cached
-weight costs next to a float forward: resnet50 b8, GPT-2 4x128); breakdown (not run by default: tiny
-Llama and mobilenet_v2 forwards split into fake-quant kernels, foreign-module hooks and the rest of
-the runtime's interception).
+(batch 8 at 224), compiled (sim vs float under torch.compile, inductor: resnet50, GPT-2, tiny
+Llama), calibration (compute_encodings of one resnet50 batch vs a float forward of it), memory
+(calibrated sim after a forward vs float weights), fingerprint (what the weight cache's per-forward
+check of every cached weight costs next to a float forward: resnet50 b8, GPT-2 4x128); breakdown
+(not run by default: tiny Llama and mobilenet_v2 forwards split into fake-quant kernels,
+foreign-module hooks and the rest of the runtime's interception).
 """
 
 from __future__ import annotations
@@ -261,6 +261,9 @@ def main() -> None:
     if "compiled" in sections:
         rows.append(compiled_row("resnet50 b8 224", *vision("resnet50", 8), reps))
         rows.append(compiled_row("GPT-2 4x128", *lm("gpt2", "sdpa", 4, 128, args.quick), reps))
+        for attention in ("sdpa", "eager"):
+            model, inputs = lm("llama", attention, 2, 16, args.quick)
+            rows.append(compiled_row(f"tiny Llama 2x16 ({attention})", model, inputs, reps * 9))
     if "memory" in sections:
         rows.append(memory_row())
     if "fingerprint" in sections:
