@@ -38,17 +38,23 @@ from benchmarks._timing import speed_probe  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "runtime.json"
 
 
-def side_by_side(float_fn: Callable[[], object], sim_fn: Callable[[], object], reps: int) -> dict:
-    """Median seconds of each, alternating calls; first call of each is a warm-up."""
-    float_fn(), sim_fn()
-    f_times, s_times = [], []
+def in_turn(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, called in turn ``reps`` times after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        for fn, times in ((float_fn, f_times), (sim_fn, s_times)):
+        for key, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    f, s = statistics.median(f_times), statistics.median(s_times)
-    return {"float_s": f, "sim_s": s, "ratio": s / f}
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def side_by_side(float_fn: Callable[[], object], sim_fn: Callable[[], object], reps: int) -> dict:
+    """Median seconds of each, alternating calls; first call of each is a warm-up."""
+    row = in_turn({"float_s": float_fn, "sim_s": sim_fn}, reps)
+    return {**row, "ratio": row["sim_s"] / row["float_s"]}
 
 
 def lm(factory: str, attention: str, batch: int, seq: int, quick: bool):
@@ -154,16 +160,8 @@ def breakdown_row(label: str, model, inputs, reps: int, alone: bool) -> dict:
         # models only: holding a CNN's activations changes how everything else runs)
         seen = quantizer_calls(sim, run_sim)
         fns["quantizer_calls_alone_s"] = lambda: [q.forward(x) for q, x in seen]
-    times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(reps):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-    row = {k: statistics.median(v) for k, v in times.items()}
+        row = in_turn(fns, reps)
     f = row["float_s"]
     hooks = (row["sim_s"] - row["no_foreign_hooks_s"]) / f
     out = {
