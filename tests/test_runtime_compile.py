@@ -192,3 +192,36 @@ def test_transformers_compile_without_more_graph_breaks_than_float(factory):
         compiled = torch.compile(sim.model, backend="aot_eager")(**inputs).logits
     step = sim.model.lm_head.output_quantizers[0].get_encoding().scale.item()
     within_one_step(eager, compiled, step)
+
+
+@pytest.mark.slow  # ~15 s: dynamo compiles a prefill and a decode step
+def test_static_cache_compiles_in_one_graph_and_matches_eager():
+    """Hugging Face's recipe for compiled generation (a ``StaticCache``, compiled forward): the
+    cache writes are KV-cache layers (``index_copy_``) and trace as such, with no graph break."""
+    from transformers import StaticCache
+
+    model, _ = tiny_llama()
+    prompt = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    sim = QuantizationSimModel(model, dummy_input=prompt)
+
+    def prefill_and_step(m):
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        first = m(prompt, past_key_values=cache, use_cache=True).logits
+        step = m(
+            prompt[:, :1], past_key_values=cache, use_cache=True, cache_position=torch.tensor([6])
+        ).logits
+        return first, step, cache.layers[0].keys.clone()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim.compute_encodings(lambda m, _: prefill_and_step(m), None)
+        for role in ("key", "value"):
+            # a narrow range of their own, so only the cache's quantizer explains what it holds
+            cache_layer = sim.graph.layer(f"model.layers.0.self_attn.kv_cache.{role}")
+            sim._layer_quantizers[cache_layer.index].output_quantizers[0].set_range(-0.25, 0.25)
+        with torch.no_grad():
+            eager = prefill_and_step(sim.model)
+            torch._dynamo.reset()
+            compiled = prefill_and_step(torch.compile(sim.model, backend="aot_eager", fullgraph=True))
+    assert eager[2].abs().max() <= 0.26
+    assert all(torch.equal(e, c) for e, c in zip(eager, compiled, strict=True))

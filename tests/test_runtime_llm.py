@@ -138,6 +138,56 @@ def test_kv_cache_recipe(precision):
     assert out.shape == (2, 10)
 
 
+def kv_quantizer(sim, layer, role):
+    cache = sim.graph.layer(f"model.layers.{layer}.self_attn.kv_cache.{role}")
+    return sim._layer_quantizers[cache.index].output_quantizers[0]
+
+
+@pytest.mark.parametrize("first", ["dynamic", "static"])
+def test_static_cache_writes_are_the_kv_cache_layers(first):
+    """``cache_implementation="static"`` stores keys with ``index_copy_``, not ``cat``: its writes are
+    the same ``kv_cache`` layers, so a KV-cache request reaches them whichever cache ran first."""
+    from transformers import StaticCache
+
+    model, _ = tiny_llama()
+    prompt = ids(2, 6, seed=3)
+    dummy = prompt if first == "dynamic" else {"input_ids": prompt, "use_cache": False}
+    sim = QuantizationSimModel(model, dummy_input=dummy, default_output_bw=16, config_file="per_channel")
+
+    def generate(m, cache):
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        return m.generate(prompt, max_new_tokens=4, do_sample=False, **extra)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim.compute_encodings(
+            lambda m, _: generate(m, first), None
+        )  # creates the cache layers if built without
+        mp = MixedPrecisionConfigurator(sim)
+        mp.set_precision("model.layers.*.self_attn.kv_cache.*", activation="int8")
+        mp.apply()
+        sim.compute_encodings(lambda m, _: generate(m, first), None)
+        for layer in (0, 1):
+            for role in ("key", "value"):
+                # a grid of their own: the keys' producer (rotary add_1) is at int8 too (rule 2)
+                kv_quantizer(sim, layer, role).set_range(-0.25, 0.25)
+        layers = [layer.name for layer in sim.graph.layers]
+        with torch.no_grad():
+            tokens = {cache: generate(sim.model, cache) for cache in ("dynamic", "static")}
+            static = StaticCache(config=model.config, max_cache_len=12)
+            sim.model(prompt, past_key_values=static, use_cache=True)
+    assert [layer.name for layer in sim.graph.layers] == layers  # the other cache made no new layer
+    assert sum(".kv_cache." in name for name in layers) == 4
+    assert torch.equal(tokens["dynamic"], tokens["static"])
+    for layer in (0, 1):
+        for role, stored in (("key", static.layers[layer].keys), ("value", static.layers[layer].values)):
+            q = kv_quantizer(sim, layer, role)
+            assert str(q.precision) == "int8"
+            # what the static cache holds is on the KV cache's grid, clipped to its range
+            assert stored[:, :, :6].abs().sum() > 0 and torch.equal(q(stored), stored)
+            assert stored.abs().max() <= 0.26
+
+
 def test_sdpa_attention_is_controllable_like_eager_attention():
     import torch.nn.functional as F
 

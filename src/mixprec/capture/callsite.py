@@ -111,6 +111,12 @@ def site_name(scope: str, canonical: str, ordinal: int, module_names: frozenset[
 # Where a key/value cache of transformers appends new keys and values (the KV cache).
 _CACHE_MODULES = ("transformers.cache_utils",)
 
+KV_CACHE_WRITES: dict[str, tuple[int, str] | None] = {"cat": None, "index_copy": (3, "source")}
+"""The torch calls by which a transformers cache stores new keys or values: ``cat`` (the dynamic
+caches: its output is the cache) and ``index_copy_`` (the static cache, written in place), with
+the position and keyword of the argument holding the new states for a write in place. Whichever
+the cache, its writes of a module's keys are one layer, ``<module>.kv_cache.key`` (docs/llm_recipes.md)."""
+
 
 def is_kv_cache_call() -> bool:
     """Whether the torch call being handled was made by a transformers KV-cache update.
@@ -125,6 +131,11 @@ def is_kv_cache_call() -> bool:
             return name.startswith(_CACHE_MODULES)
         frame = frame.f_back
     return False
+
+
+def is_kv_cache_name(scope: str, name: str) -> bool:
+    """Whether ``name`` is one of ``kv_cache_name``'s names for a cache of module ``scope``."""
+    return name.startswith(f"{scope}.kv_cache." if scope else "kv_cache.")
 
 
 def kv_cache_name(scope: str, index: int) -> str:

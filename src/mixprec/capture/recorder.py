@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from mixprec.capture import op_types as ops
 from mixprec.capture import sdpa
 from mixprec.capture.callsite import (
+    KV_CACHE_WRITES,
     SiteKey,
     canonical_name,
     is_counted,
@@ -269,7 +270,7 @@ class _Recorder:
             rel = qualified[len(scope) + 1 :] if scope and qualified.startswith(scope + ".") else qualified
             params[rel] = ParamRef(pkey, qualified, owner, attr, param.ndim)
         name = site_name(scope, canonical, key[2], self.all_module_names)
-        if canonical == "cat" and is_kv_cache_call():
+        if canonical in KV_CACHE_WRITES and is_kv_cache_call():
             count = self.kv_counts.get(scope, 0)
             self.kv_counts[scope] = count + 1
             name = kv_cache_name(scope, count)

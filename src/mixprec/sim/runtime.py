@@ -260,6 +260,10 @@ class SimRuntime:
         if site is None:
             return output
         q = site.quantizers
+        if site.written is not None:
+            # a cache write in place already stored the new states: store them again, quantized
+            self._finish_new(q, site.name)
+            return site.call(func, args, kwargs, self)
         if self._finish_new(q, site.name):
             q.quantize_inputs(args, kwargs, self)  # observing: records, returns values unchanged
             return q.quantize_outputs(output, self)

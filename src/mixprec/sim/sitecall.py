@@ -19,7 +19,14 @@ def _nests(value: Any) -> bool:
 
 
 class FunctionalSite:
-    """A functional layer: its name, its quantizers and the order of the parameters it reads."""
+    """A functional layer: its name, its quantizers and the order of the parameters it reads.
+
+    ``written``: for a KV-cache write in place (``KV_CACHE_WRITES`` of mixprec.capture.callsite),
+    the position and keyword of the argument holding the new states, which the layer's output
+    quantizer quantizes before they are stored; None for every other site.
+    """
+
+    written: tuple[int, str] | None = None  # also for sites pickled before it existed
 
     def __init__(
         self,
@@ -28,6 +35,7 @@ class FunctionalSite:
         quantizers: Any,
         params: list[str],
         has_places: bool = True,
+        written: tuple[int, str] | None = None,
     ) -> None:
         self.name = name
         self.has_places = has_places
@@ -36,8 +44,11 @@ class FunctionalSite:
         self.param_order = [p.replace(".", ":") for p in params]
         self.in_place = ops.is_in_place(func)
         self.dunder_in_place = getattr(func, "__name__", "").startswith("__i")
+        self.written = written
 
     def call(self, func: Callable, args: tuple, kwargs: dict, rt: Any) -> Any:
+        if self.written is not None:
+            return self._write_quantized(func, args, kwargs, rt)
         mods = self.quantizers._modules
         if self._reads_quantized(mods):
             args, kwargs = self._quantize_arguments(args, kwargs, rt)
@@ -49,6 +60,19 @@ class FunctionalSite:
         if q is not None and type(output) is torch.Tensor:
             return rt.apply(q, output)  # the common case of quantize_leaves, without its checks
         return quantize_leaves(output, oq, rt)
+
+    def _write_quantized(self, func: Callable, args: tuple, kwargs: dict, rt: Any) -> Any:
+        """A static cache's ``keys.index_copy_(2, positions, new)``: ``new`` is quantized on its way
+        in, so the cache holds what a dynamic cache's quantized ``cat`` would (the positions not
+        yet written hold zeros, which every integer grid represents exactly)."""
+        q = self.quantizers._modules["output_quantizers"]._modules.get("0")
+        position, keyword = self.written  # type: ignore[misc]
+        if q is not None:
+            if len(args) > position and isinstance(args[position], torch.Tensor):
+                args = (*args[:position], rt.apply(q, args[position]), *args[position + 1 :])
+            elif isinstance(kwargs.get(keyword), torch.Tensor):
+                kwargs = {**kwargs, keyword: rt.apply(q, kwargs[keyword])}
+        return func(*args, **kwargs)
 
     def _reads_quantized(self, mods: dict) -> bool:
         for q in mods["input_quantizers"]._modules.values():

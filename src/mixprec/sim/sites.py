@@ -20,8 +20,10 @@ from torch.utils import _pytree as pytree
 from mixprec.capture import op_types as ops
 from mixprec.capture.callsite import (
     KNOWN_COMPUTE,
+    KV_CACHE_WRITES,
     SiteKey,
     is_kv_cache_call,
+    is_kv_cache_name,
     kv_cache_name,
     remember_torch_function_names,
     site_name,
@@ -73,10 +75,12 @@ class SiteBuilder:
             else:
                 functional[functional_key(layer.name)] = lq
                 if self._has_places(layer):
-                    sites[layer.index] = FunctionalSite(layer.name, layer.op, lq, list(layer.params))
+                    sites[layer.index] = FunctionalSite(
+                        layer.name, layer.op, lq, list(layer.params), written=_written(layer)
+                    )
         rt.sites = {key: None if index is None else sites.get(index) for key, index in result.sites.items()}
         recorded = frozenset(key[1] for key, index in result.sites.items() if index is not None)
-        rt.counted = recorded | KNOWN_COMPUTE
+        rt.counted = recorded | KNOWN_COMPUTE | KV_CACHE_WRITES.keys()
         rt.input_quantizers = nn.ModuleList(
             [
                 None if t is None else sim._build(t, t.initial, f"model input {io.path}")
@@ -144,9 +148,13 @@ class SiteBuilder:
             outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
         sim = self.sim
         name = site_name(scope, canonical, ordinal, set(sim._modules))
-        if canonical == "cat" and is_kv_cache_call():
-            prefix = f"{scope}.kv_cache." if scope else "kv_cache."
-            name = kv_cache_name(scope, sum(1 for layer in sim.graph.layers if layer.name.startswith(prefix)))
+        if canonical in KV_CACHE_WRITES and is_kv_cache_call():
+            name = kv_cache_name(scope, self._kv_writes(scope, canonical))
+            cache = sim.graph.layer(name)
+            if cache is not None:
+                # the same cache written by another kind of cache (dynamic / static): one layer
+                lq = sim._layer_quantizers[cache.index]
+                return FunctionalSite(name, func, lq, [], written=KV_CACHE_WRITES[canonical])
         layer = Layer(
             index=len(sim.graph.layers),
             name=name,
@@ -166,7 +174,19 @@ class SiteBuilder:
         sim.model.mixprec_functional[functional_key(layer.name)] = lq
         if not self._has_places(layer):
             return None
-        return FunctionalSite(layer.name, func, lq, list(params))
+        return FunctionalSite(layer.name, func, lq, list(params), written=_written(layer))
+
+    def _kv_writes(self, scope: str, canonical: str) -> int:
+        """How many KV-cache writes by ``canonical`` module ``scope`` already has: the next one is
+        ``kv_cache_name(scope, that count)`` (keys and values alternate)."""
+        return sum(
+            1
+            for (where, function, _), site in self.sim._runtime.sites.items()
+            if where == scope
+            and function == canonical
+            and site is not None
+            and is_kv_cache_name(scope, site.name)
+        )
 
     def new_module_site(
         self, name: str, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
@@ -255,6 +275,13 @@ class SiteBuilder:
                     q.begin_calibration(scheme, collect=not any(q is f for f in fresh))
         logger.info("new layer %r (%s) on a path dummy_input did not take", layer.name, layer.type_name)
         return lq
+
+
+def _written(layer: Layer) -> tuple[int, str] | None:
+    """Where a KV-cache write in place takes its new states (``FunctionalSite.written``)."""
+    if is_kv_cache_name(layer.module_name, layer.name):
+        return KV_CACHE_WRITES.get(layer.type_name)
+    return None
 
 
 def functional_key(name: str) -> str:
