@@ -461,3 +461,26 @@ class StatefulBranch(nn.Module):
 
 TINY_MODELS["wide_activation"] = WideActivation
 TINY_MODELS["stateful_branch"] = StatefulBranch
+
+
+class Block(nn.Module):
+    """A non-leaf module with functional calls of its own (tanh, mul, add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x)) * 2 + x
+
+
+class WithBlock(nn.Module):
+    """``block`` is what an encoder is to an encoder-decoder: a submodule one may call on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))

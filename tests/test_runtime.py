@@ -10,7 +10,7 @@ from torch import nn
 
 from mixprec import EncodingNotComputedError, MixedPrecisionConfigurator, QuantizationSimModel
 
-from .models import build
+from .models import WithBlock, build
 
 
 def calibrated(name, *batches, **kwargs):
@@ -238,3 +238,24 @@ def test_calls_inside_activations_created_in_the_forward_line_up_with_their_site
     assert silu_a.get_encoding().max.item() == pytest.approx(
         torch.nn.functional.silu(a).max().item(), rel=0.02
     )
+
+
+def test_submodule_called_on_its_own_runs_its_functional_calls_quantized():
+    """What generate() does with an encoder: a non-leaf submodule of the sim called directly."""
+    torch.manual_seed(0)
+    model = WithBlock().eval()
+    x = torch.randn(4, 6)
+    sim = QuantizationSimModel(model, dummy_input=x)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    inside = {}
+    handle = sim.model.block.register_forward_hook(lambda m, args, out: inside.update(x=args[0], out=out))
+    with torch.no_grad():
+        sim.model(x)
+        handle.remove()
+        # its input as given (inside, the model input's quantizer had made it)
+        alone = sim.model.block(inside["x"])
+        assert torch.equal(alone, inside["out"]) and not torch.equal(alone, model.block(inside["x"]))
+        with pytest.raises(RuntimeError):
+            sim.model.block(torch.randn(4, 5))  # raises inside the forward it opened
+        assert torch._C._len_torch_function_stack() == 0 and sim.runtime.state() is None
+        assert torch.equal(sim.model.block(inside["x"]), alone)

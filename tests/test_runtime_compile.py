@@ -225,3 +225,20 @@ def test_static_cache_compiles_in_one_graph_and_matches_eager():
             compiled = prefill_and_step(torch.compile(sim.model, backend="aot_eager", fullgraph=True))
     assert eager[2].abs().max() <= 0.26
     assert all(torch.equal(e, c) for e, c in zip(eager, compiled, strict=True))
+
+
+def test_submodule_compiled_on_its_own_matches_its_eager_call():
+    """``torch.compile`` of a submodule (an encoder): its scope hook opens the forward in the trace."""
+    from .models import WithBlock
+
+    torch.manual_seed(0)
+    model = WithBlock().eval()
+    x = torch.randn(4, 6)
+    sim = QuantizationSimModel(model, dummy_input=x)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    with torch.no_grad():
+        eager = sim.model.block(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(sim.model.block, backend="aot_eager", fullgraph=True)(x)
+        assert torch.equal(compiled, eager) and not torch.equal(compiled, model.block(x))
+        assert sim.runtime.state() is None

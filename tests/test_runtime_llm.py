@@ -188,6 +188,51 @@ def test_static_cache_writes_are_the_kv_cache_layers(first):
             assert stored.abs().max() <= 0.26
 
 
+def test_encoder_run_on_its_own_by_generate_is_quantized():
+    """``generate()`` of an encoder-decoder calls ``model.get_encoder()`` directly, outside
+    ``sim.model``'s forward: its functional calls (attention matmuls, softmax, residual adds) are
+    still the sim's sites, calibrated by a generate-only callback and quantized as in a forward."""
+    model, _ = tiny_bart()
+    x = ids(2, 6, seed=3)
+    sim = QuantizationSimModel(model, dummy_input={"input_ids": x, "decoder_input_ids": x[:, :2]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim.compute_encodings(lambda m, _: m.generate(x, max_new_tokens=3, do_sample=False), None)
+    encoder_quantizers = [q for _, q in sim.quantizers() if q.label.startswith("model.encoder.")]
+    assert any(".self_attn.softmax " in q.label for q in encoder_quantizers)
+    assert all(q.is_initialized() for q in encoder_quantizers)
+    with torch.no_grad():
+        inside = sim.model(input_ids=x, decoder_input_ids=x[:, :2]).encoder_last_hidden_state
+        alone = sim.model.get_encoder()(input_ids=x).last_hidden_state
+        reference = model.get_encoder()(input_ids=x).last_hidden_state
+    assert torch.equal(alone, inside) and not torch.equal(alone, reference)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_recomputes_the_quantized_forward(reentrant):
+    """QAT with ``gradient_checkpointing_enable()``: transformers recomputes each decoder layer's
+    ``forward`` in the backward pass, outside any module call; the recomputation is quantized as
+    the forward was, so loss and gradients equal those without checkpointing, bit for bit."""
+    model, _ = tiny_llama()
+    x = ids(2, 8, seed=1)
+    sim = QuantizationSimModel(model, dummy_input={"input_ids": x, "use_cache": False})
+    sim.compute_encodings(lambda m, _: m(input_ids=x, use_cache=False), None)
+    sim.model.train()
+
+    def loss_and_grads():
+        sim.model.zero_grad()
+        loss = sim.model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in sim.model.parameters() if p.grad is not None]
+
+    plain_loss, plain_grads = loss_and_grads()
+    sim.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    loss, grads = loss_and_grads()
+    assert torch.equal(loss, plain_loss) and len(grads) == len(plain_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
+    assert sim.runtime.state() is None and torch._C._len_torch_function_stack() == 0
+
+
 def test_sdpa_attention_is_controllable_like_eager_attention():
     import torch.nn.functional as F
 

@@ -90,7 +90,12 @@ class QuantizationMode(TorchFunctionMode):
 
 
 class ScopeHook:
-    """Forward pre/post hook of a non-leaf module: pushes/pops its name on the forward's scope."""
+    """Forward pre/post hook of a non-leaf module: pushes/pops its name on the forward's scope.
+
+    A module of the sim called on its own, outside any forward of ``sim.model`` (``generate()``
+    runs an encoder-decoder's encoder so), opens a forward of its own: its functional calls are the
+    same sites, with the same per-forward ordinals, as inside the root's forward.
+    """
 
     def __init__(self, runtime: SimRuntime, name: str, enter: bool) -> None:
         self.runtime = runtime
@@ -99,13 +104,90 @@ class ScopeHook:
 
     def __call__(self, module: nn.Module, args: Any, *rest: Any) -> None:
         rt = self.runtime
-        st = rt._trace_state if torch.compiler.is_compiling() else rt._local.__dict__.get("state")
+        if torch.compiler.is_compiling():
+            st = rt._trace_state
+        else:
+            st = rt._local.__dict__.get("state")
+            if self.enter and "_gradient_checkpointing_func" in module.__dict__:
+                _checkpoint_in_scope(module, rt, self.name)
         if st is None:
+            if self.enter:
+                _open(rt, self.name)
+            return
+        if not self.enter and st.opened_by == self.name and len(st.scope) == 2:
+            _close(rt, st)
             return
         if self.enter:
             st.scope.append(self.name)
         elif len(st.scope) > 1:
             st.scope.pop()
+
+
+def _open(rt: SimRuntime, name: str) -> None:
+    """Start the forward of submodule ``name``, called on its own: ended by ``_close`` in its
+    forward hook, which runs also when the forward raises (``always_call``)."""
+    st = ForwardState(rt, opened_by=name)
+    st.scope.append(name)
+    if torch.compiler.is_compiling():
+        # the mode publishes the state while traced, as RootForward's does; isolation is eager-only
+        st.mode = QuantizationMode(rt, st, publish=True).__enter__()
+        return
+    rt.set_state(st)
+    foreign.enter(st)
+    st.mode = QuantizationMode(rt, st).__enter__()
+
+
+def _close(rt: SimRuntime, st: ForwardState) -> None:
+    if torch.compiler.is_compiling():
+        st.mode.__exit__(None, None, None)  # type: ignore[union-attr]
+        return
+    try:
+        st.mode.__exit__(None, None, None)  # type: ignore[union-attr]
+    finally:
+        foreign.leave(st)
+        rt.set_state(None)
+
+
+class InScope:
+    """A function a transformers layer hands to its checkpoint function: ``forward`` of that
+    layer. The backward pass recomputes it outside any module call (transformers checkpoints
+    ``forward``, not ``__call__``, so the layer's scope hook does not run): then it opens the
+    layer's forward itself, so the recomputation quantizes what the forward did."""
+
+    def __init__(self, fn: Callable, runtime: SimRuntime, name: str) -> None:
+        self.fn = fn
+        self.runtime = runtime
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rt = self.runtime
+        if torch.compiler.is_compiling() or rt._local.__dict__.get("state") is not None:
+            return self.fn(*args, **kwargs)  # the forward itself: its scope hook ran
+        _open(rt, self.name)
+        st = rt._local.__dict__["state"]
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            _close(rt, st)
+
+
+class CheckpointInScope:
+    """Replaces a transformers layer's ``_gradient_checkpointing_func`` (set by
+    ``gradient_checkpointing_enable()``): the same checkpoint function, of an ``InScope`` function."""
+
+    def __init__(self, checkpoint: Callable, runtime: SimRuntime, name: str) -> None:
+        self.checkpoint = checkpoint
+        self.runtime = runtime
+        self.name = name
+
+    def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return self.checkpoint(InScope(fn, self.runtime, self.name), *args, **kwargs)
+
+
+def _checkpoint_in_scope(module: nn.Module, rt: SimRuntime, name: str) -> None:
+    checkpoint = module.__dict__["_gradient_checkpointing_func"]
+    if not isinstance(checkpoint, CheckpointInScope):
+        module.__dict__["_gradient_checkpointing_func"] = CheckpointInScope(checkpoint, rt, name)
 
 
 class RootForward(OwnForwardView):

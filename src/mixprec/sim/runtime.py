@@ -105,16 +105,19 @@ class ForwardState:
 
     ``scope`` holds qualified names of the executing non-leaf modules of the model; ``None`` marks
     a module that is not part of the model (run from inside it), whose calls are left alone.
+    ``opened_by`` names the submodule whose own call started this forward (``generate()`` calls
+    an encoder-decoder's encoder directly); None for a forward of ``sim.model`` itself.
     """
 
-    __slots__ = ("counts", "leaf_depth", "mode", "rt", "scope")
+    __slots__ = ("counts", "leaf_depth", "mode", "opened_by", "rt", "scope")
 
-    def __init__(self, rt: SimRuntime) -> None:
+    def __init__(self, rt: SimRuntime, opened_by: str | None = None) -> None:
         self.rt = rt
         self.scope: list[str | None] = [""]
         self.counts: dict[Any, int] = {}
         self.leaf_depth = 0
         self.mode: TorchFunctionMode | None = None  # the mode of this forward, once entered (eager)
+        self.opened_by = opened_by
 
     def pop_mode(self) -> TorchFunctionMode | None:
         """Take this forward's mode off the torch-function mode stack if it is on top (a leaf's own
