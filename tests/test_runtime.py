@@ -45,6 +45,49 @@ def test_module_on_a_path_not_taken_at_build_gets_quantizers():
     sim.model(x)
 
 
+class FunctionBranch(nn.Module):
+    """Runs ``fn`` on the linear's output only for inputs of small mean (off the dummy's path)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.a = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.head(self.fn(h) if x.mean() < 0.5 else h)
+
+
+@pytest.mark.parametrize(
+    ("fn", "layer"),
+    [(torch.sin, "sin"), (torch.erf, "erf"), (nn.functional.hardswish, "hardswish"),
+     (nn.functional.leaky_relu, "leaky_relu"), (torch.Tensor.abs, "abs")],
+    ids=["sin", "erf", "hardswish", "leaky_relu", "abs"],
+)  # fmt: skip
+def test_function_on_a_path_not_taken_at_build_gets_quantizers(fn, layer):
+    """Not only functions with an op type in the config: any compute function first met on a new
+    path becomes a layer (never a silent float)."""
+    torch.manual_seed(0)
+    model = FunctionBranch(fn).eval()
+    x = torch.rand(2, 6) + 1
+    small = x * 0.1  # inside the calibrated input range, on the other path
+    sim = QuantizationSimModel(model, dummy_input=x)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    assert layer not in rows(sim)
+    with pytest.raises(EncodingNotComputedError, match=f"layer '{layer}' first ran in this forward"):
+        sim.model(small)
+    assert rows(sim)[layer]["outputs"] == ["int8"]
+    sim.compute_encodings(lambda m, _: [m(x), m(small)], None)
+    seen = {}
+    handle = sim.model.head.register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
+    with torch.no_grad():
+        sim.model(small)
+    handle.remove()
+    q = sim._layer_quantizers[sim.graph.layer(layer).index].output_quantizers[0]
+    assert torch.equal(q(seen["h"]), seen["h"])  # the head reads the function's output on its grid
+
+
 def test_new_layer_is_targetable_and_recalibrated():
     model, x, sim = calibrated("branchy", torch.randn(2, 6).abs(), -torch.randn(2, 6).abs())
     assert {"a", "b", "sigmoid"} <= set(rows(sim))

@@ -85,10 +85,30 @@ _NEVER_LAYERS = frozenset(
     }
 )  # fmt: skip
 
+# Compute functions with no op type of their own in the sim config (a layer of one takes the
+# CamelCase of its name, at capture as at run time). Masks are built with ``where``/``masked_fill``,
+# which stay out: a new padding pattern must not become a layer to calibrate.
+_OTHER_COMPUTE = frozenset(
+    {
+        "erf", "erfc", "log", "log1p", "log2", "expm1", "exp2", "sin", "cos", "tan", "atan", "atan2",
+        "sinh", "cosh", "asin", "acos", "abs", "reciprocal", "square", "sign", "floor", "ceil", "round",
+        "trunc", "frac", "fmod", "remainder", "hypot", "maximum", "minimum", "clamp_min", "clamp_max",
+        "lerp", "addcmul", "addcdiv", "addmm", "addbmm", "outer", "cumsum", "cumprod", "logsumexp",
+        "amax", "amin", "prod", "var", "std", "norm", "leaky_relu", "elu", "selu", "celu",
+        "hardswish", "hardsigmoid", "hardshrink", "softshrink", "tanhshrink", "softplus", "softsign",
+        "mish", "prelu", "rrelu", "glu", "logsigmoid", "group_norm", "instance_norm", "batch_norm",
+        "rms_norm", "normalize", "local_response_norm", "conv3d", "conv_transpose1d",
+        "conv_transpose2d", "conv_transpose3d", "avg_pool1d", "avg_pool3d", "max_pool1d", "max_pool3d",
+        "adaptive_avg_pool1d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+        "lp_pool2d", "grid_sample", "upsample", "bilinear", "cosine_similarity", "pairwise_distance",
+    }
+)  # fmt: skip
+
 # Functions that become layers on a path first seen at run time even if the capture never called
-# them (compute ops with an op type in the sim config).
-KNOWN_COMPUTE = frozenset(
-    name for name in ops.known_function_names() if name not in ops.DATA_MOVEMENT_FUNCTIONS
+# them: compute ops, with an op type in the sim config or not.
+KNOWN_COMPUTE = (
+    frozenset(name for name in ops.known_function_names() if name not in ops.DATA_MOVEMENT_FUNCTIONS)
+    | _OTHER_COMPUTE
 )
 
 
