@@ -302,3 +302,40 @@ def test_submodule_called_on_its_own_runs_its_functional_calls_quantized():
             sim.model.block(torch.randn(4, 5))  # raises inside the forward it opened
         assert torch._C._len_torch_function_stack() == 0 and sim.runtime.state() is None
         assert torch.equal(sim.model.block(inside["x"]), alone)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(
+        self, image: torch.Tensor, extra: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = self.a(image) + self.b(extra)
+        return out if ids is None else out + ids.unsqueeze(-1)
+
+
+def test_model_inputs_take_their_quantizer_by_argument_name():
+    """Positional or keyword, in any order, with or without other arguments: each model input is
+    quantized by its own quantizer, and an integer argument by none."""
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    image, extra = torch.rand(2, 6) * 8, torch.rand(2, 6) * 0.1  # very different ranges
+    ids = torch.tensor([3, 1])
+    sim = QuantizationSimModel(model, dummy_input={"image": image, "extra": extra, "ids": ids})
+    sim.compute_encodings(lambda m, _: m(image, extra, ids), None)
+    seen = []
+    for q in sim.runtime.input_quantizers:
+        if q is not None:
+            q.register_forward_pre_hook(lambda q, args: seen.append((q.label, args[0])))
+    with torch.no_grad():
+        reference = sim.model(image, extra, ids)
+        assert torch.equal(sim.model(ids=ids, extra=extra, image=image), reference)
+        assert torch.equal(sim.model(image, ids=ids, extra=extra), reference)
+        seen.clear()
+        sim.model(extra=extra, image=image)
+    assert sorted((label, t.data_ptr()) for label, t in seen) == sorted(
+        [("model input extra", extra.data_ptr()), ("model input image", image.data_ptr())]
+    )

@@ -233,6 +233,42 @@ def test_gradient_checkpointing_recomputes_the_quantized_forward(reentrant):
     assert sim.runtime.state() is None and torch._C._len_torch_function_stack() == 0
 
 
+def tiny_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+        max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+def test_float_model_input_of_an_encoder_decoder_is_quantized_where_generate_passes_it():
+    """Whisper's ``generate()`` runs the encoder on ``input_features`` by itself, then the model on
+    ``encoder_outputs`` and the tokens: the features take their model input quantizer (in the
+    encoder's own call), the token ids and encoder outputs take none of it."""
+    model = tiny_whisper()
+    features = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)) * 3
+    start = torch.tensor([[1, 5, 7], [1, 9, 4]])
+    sim = QuantizationSimModel(model, dummy_input={"input_features": features, "decoder_input_ids": start})
+    sim.compute_encodings(lambda m, _: m(input_features=features, decoder_input_ids=start), None)
+    seen = []
+    [q] = [q for q in sim.runtime.input_quantizers if q is not None]
+    q.register_forward_pre_hook(lambda q, args: seen.append(args[0]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = sim.model(input_features=features, decoder_input_ids=start)
+        alone = sim.model.get_encoder()(input_features=features).last_hidden_state
+        split = sim.model(encoder_outputs=(alone,), decoder_input_ids=start).logits
+        seen.clear()
+        sim.model.generate(input_features=features, max_new_tokens=3, do_sample=False)
+    assert torch.equal(alone, full.encoder_last_hidden_state) and torch.equal(split, full.logits)
+    assert len(seen) == 1 and torch.equal(seen[0], features)  # once, the features (not token ids)
+
+
 def test_sdpa_attention_is_controllable_like_eager_attention():
     import torch.nn.functional as F
 

@@ -32,6 +32,7 @@ from mixprec.sim.aimet_api import (
     one_or_two_argument_callback,
 )
 from mixprec.sim.calibration import calibrate
+from mixprec.sim.model_inputs import InputSlots
 from mixprec.sim.model_state import buffers_restored, refuse_sim_model
 from mixprec.sim.place_access import PlaceAccess
 from mixprec.sim.placement import (
@@ -127,12 +128,12 @@ class QuantizationSimModel(ReferenceSimAPI, PlaceAccess):
         for layer in self.graph.layers:
             for ref in layer.params.values():
                 self._param_layers.setdefault(ref.key, []).append(layer.index)
-        self._install(result)
+        self._install(result, InputSlots.of(self.model, args, kwargs))
 
     # building ---------------------------------------------------------------------------
-    def _install(self, result: Any) -> None:
+    def _install(self, result: Any, input_slots: InputSlots) -> None:
         self._layer_quantizers: list[LayerQuantizers] = []
-        self._runtime: SimRuntime = SiteBuilder(self).install(result)
+        self._runtime: SimRuntime = SiteBuilder(self).install(result, input_slots)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # copy.deepcopy(sim): the runtime's link back to its sim is not copied with it

@@ -18,6 +18,7 @@ from mixprec.capture import sdpa
 from mixprec.capture.callsite import canonical_name
 from mixprec.sim import foreign
 from mixprec.sim.forwards import OwnForwardView, quantize_leaves
+from mixprec.sim.model_inputs import positional_names
 from mixprec.sim.runtime import MISSING, ForwardState, SimRuntime
 
 __all__ = ["QuantizationMode", "RootForward", "ScopeHook"]
@@ -97,12 +98,14 @@ class ScopeHook:
     same sites, with the same per-forward ordinals, as inside the root's forward.
     """
 
-    def __init__(self, runtime: SimRuntime, name: str, enter: bool) -> None:
+    def __init__(self, runtime: SimRuntime, name: str, enter: bool, names: tuple[str, ...] = ()) -> None:
         self.runtime = runtime
         self.name = name
         self.enter = enter
+        self.positional_names = names  # of the module's forward, for _quantize_model_inputs
 
-    def __call__(self, module: nn.Module, args: Any, *rest: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, *rest: Any) -> Any:
+        # rest: the keyword arguments (a pre-hook registered with_kwargs) or the output
         rt = self.runtime
         if torch.compiler.is_compiling():
             st = rt._trace_state
@@ -111,9 +114,13 @@ class ScopeHook:
             if self.enter and "_gradient_checkpointing_func" in module.__dict__:
                 _checkpoint_in_scope(module, rt, self.name)
         if st is None:
-            if self.enter:
-                _open(rt, self.name)
-            return
+            if not self.enter:
+                return None
+            inputs = None
+            if rest and rt.input_slots is not None and rt.input_quantizers is not None:
+                inputs = self._quantize_model_inputs(module, args, rest[0])  # before the mode is on
+            _open(rt, self.name)
+            return inputs
         if not self.enter and st.opened_by == self.name and len(st.scope) == 2:
             _close(rt, st)
             return
@@ -121,6 +128,16 @@ class ScopeHook:
             st.scope.append(self.name)
         elif len(st.scope) > 1:
             st.scope.pop()
+        return None
+
+    def _quantize_model_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Arguments of a submodule called on its own that bear a model input's name (an encoder's
+        ``input_features``) take that input's quantizer, as they would have inside the model."""
+        names = self.__dict__.get("positional_names")
+        if names is None:  # a hook pickled before it kept them
+            names = self.__dict__["positional_names"] = positional_names(type(module).forward)
+        rt = self.runtime
+        return rt.input_slots.quantize(args, kwargs, rt.input_quantizers, rt, names)
 
 
 def _open(rt: SimRuntime, name: str) -> None:
@@ -190,6 +207,15 @@ def _checkpoint_in_scope(module: nn.Module, rt: SimRuntime, name: str) -> None:
         module.__dict__["_gradient_checkpointing_func"] = CheckpointInScope(checkpoint, rt, name)
 
 
+def _quantize_model_inputs(
+    rt: SimRuntime, iq: nn.ModuleList, args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    slots = rt.input_slots
+    if slots is None:  # a runtime pickled before arguments were matched by name
+        return quantize_leaves((args, kwargs), iq, rt)
+    return slots.quantize(args, kwargs, iq, rt)
+
+
 class RootForward(OwnForwardView):
     """The root's instance ``forward``: quantizes model inputs and runs the forward in the mode."""
 
@@ -209,7 +235,7 @@ class RootForward(OwnForwardView):
             # Isolation is eager-only.
             st = ForwardState(rt)
             if iq is not None and any(q is not None for q in iq._modules.values()):
-                args, kwargs = quantize_leaves((args, kwargs), iq, rt)
+                args, kwargs = _quantize_model_inputs(rt, iq, args, kwargs)
             with QuantizationMode(rt, st, publish=True):
                 return original(self.module, *args, **kwargs)
         if rt.state() is not None:  # the root re-entered from its own forward: nothing new to set up
@@ -219,7 +245,7 @@ class RootForward(OwnForwardView):
         foreign.enter(st)
         try:
             if iq is not None and any(q is not None for q in iq._modules.values()):
-                args, kwargs = quantize_leaves((args, kwargs), iq, rt)
+                args, kwargs = _quantize_model_inputs(rt, iq, args, kwargs)
             with QuantizationMode(rt, st) as mode:
                 st.mode = mode
                 return original(self.module, *args, **kwargs)

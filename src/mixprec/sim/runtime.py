@@ -146,6 +146,10 @@ class SimRuntime:
             docs/performance.md); False trades speed for no memory.
     """
 
+    # model_inputs.InputSlots: which argument takes which input quantizer (a class default for
+    # runtimes pickled before it existed, which take them by position)
+    input_slots: Any = None
+
     def __init__(self) -> None:
         self.sites: dict[SiteKey, FunctionalSite | None] = {}
         self.counted: frozenset[str] = frozenset()

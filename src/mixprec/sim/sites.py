@@ -32,6 +32,7 @@ from mixprec.capture.graph import Layer, LayerKind, ParamRef
 from mixprec.capture.recorder import CaptureResult, is_leaf, module_layer_fields, module_param_refs
 from mixprec.sim.forwards import LeafForward
 from mixprec.sim.mode import RootForward, ScopeHook
+from mixprec.sim.model_inputs import InputSlots, positional_names
 from mixprec.sim.placement import layer_templates
 from mixprec.sim.runtime import FunctionalSite, LayerQuantizers, SimRuntime, param_key, quantized_class
 
@@ -51,7 +52,7 @@ class SiteBuilder:
         self._param_keys: dict[int, int] | None = None
 
     # build --------------------------------------------------------------------------------
-    def install(self, result: CaptureResult) -> SimRuntime:
+    def install(self, result: CaptureResult, input_slots: InputSlots | None = None) -> SimRuntime:
         sim = self.sim
         graph, placement = sim.graph, sim.placement
         rt = SimRuntime()
@@ -95,8 +96,10 @@ class SiteBuilder:
             if leaf:
                 module.forward = LeafForward(module, name, rt)
             else:
-                module.register_forward_pre_hook(ScopeHook(rt, name, True))
+                names = positional_names(type(module).forward)
+                module.register_forward_pre_hook(ScopeHook(rt, name, True, names), with_kwargs=True)
                 module.register_forward_hook(ScopeHook(rt, name, False), always_call=True)
+        rt.input_slots = input_slots
         root.mixprec_functional = functional
         root.mixprec_input_quantizers = rt.input_quantizers
         root.forward = RootForward(root, rt)
