@@ -20,7 +20,7 @@ from torch import nn
 
 from mixprec import MixedPrecisionConfigurator, QuantizationSimModel
 
-from .models import SmallCNN, build
+from .models import SmallCNN, WithBlock, build
 
 
 def run(model: nn.Module, example: Any) -> Any:
@@ -118,3 +118,13 @@ def launch_ranks(script: str, out_dir: Path, world: int, timeout_s: float) -> li
     for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {r} failed:\n{log}"
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def with_block_sim() -> tuple[nn.Module, torch.Tensor, QuantizationSimModel]:
+    """``WithBlock`` (a submodule to call on its own), an input and its calibrated sim."""
+    torch.manual_seed(0)
+    model = WithBlock().eval()
+    x = torch.randn(4, 6)
+    sim = QuantizationSimModel(model, dummy_input=x)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    return model, x, sim

@@ -10,7 +10,8 @@ from torch import nn
 
 from mixprec import EncodingNotComputedError, MixedPrecisionConfigurator, QuantizationSimModel
 
-from .models import WithBlock, build
+from .helpers import with_block_sim
+from .models import build
 
 
 def calibrated(name, *batches, **kwargs):
@@ -285,11 +286,7 @@ def test_calls_inside_activations_created_in_the_forward_line_up_with_their_site
 
 def test_submodule_called_on_its_own_runs_its_functional_calls_quantized():
     """What generate() does with an encoder: a non-leaf submodule of the sim called directly."""
-    torch.manual_seed(0)
-    model = WithBlock().eval()
-    x = torch.randn(4, 6)
-    sim = QuantizationSimModel(model, dummy_input=x)
-    sim.compute_encodings(lambda m, _: m(x), None)
+    model, x, sim = with_block_sim()
     inside = {}
     handle = sim.model.block.register_forward_hook(lambda m, args, out: inside.update(x=args[0], out=out))
     with torch.no_grad():

@@ -229,13 +229,9 @@ def test_static_cache_compiles_in_one_graph_and_matches_eager():
 
 def test_submodule_compiled_on_its_own_matches_its_eager_call():
     """``torch.compile`` of a submodule (an encoder): its scope hook opens the forward in the trace."""
-    from .models import WithBlock
+    from .helpers import with_block_sim
 
-    torch.manual_seed(0)
-    model = WithBlock().eval()
-    x = torch.randn(4, 6)
-    sim = QuantizationSimModel(model, dummy_input=x)
-    sim.compute_encodings(lambda m, _: m(x), None)
+    model, x, sim = with_block_sim()
     with torch.no_grad():
         eager = sim.model.block(x)
         torch._dynamo.reset()

@@ -7,31 +7,7 @@ import torch
 
 from mixprec import MixedPrecisionConfigurator, QuantizationSimModel
 
-from .models import tiny_gpt2, tiny_llama
-
-
-def tiny_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return Qwen2ForCausalLM(cfg).eval(), None
-
-
-def tiny_bart():
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = BartConfig(
-        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-    )  # fmt: skip
-    return BartForConditionalGeneration(cfg).eval(), None
-
+from .models import tiny_bart, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_whisper
 
 FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bart": tiny_bart}
 
@@ -231,19 +207,6 @@ def test_gradient_checkpointing_recomputes_the_quantized_forward(reentrant):
     assert torch.equal(loss, plain_loss) and len(grads) == len(plain_grads) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
     assert sim.runtime.state() is None and torch._C._len_torch_function_stack() == 0
-
-
-def tiny_whisper():
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = WhisperConfig(
-        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
-        max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1,
-    )  # fmt: skip
-    return WhisperForConditionalGeneration(cfg).eval()
 
 
 def test_float_model_input_of_an_encoder_decoder_is_quantized_where_generate_passes_it():
