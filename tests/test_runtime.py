@@ -336,3 +336,27 @@ def test_model_inputs_take_their_quantizer_by_argument_name():
     assert sorted((label, t.data_ptr()) for label, t in seen) == sorted(
         [("model input extra", extra.data_ptr()), ("model input image", image.data_ptr())]
     )
+
+
+def test_submodule_called_on_its_own_quantizes_only_model_inputs_read_inside_it():
+    """resnet18's blocks name their argument ``x`` as the model does; only a module that reads the
+    model's image inside it (the model itself) applies the image's quantizer to its argument."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    image = torch.randn(2, 3, 32, 32)
+    sim = QuantizationSimModel(model, dummy_input=image)
+    sim.compute_encodings(lambda m, _: m(image), None)
+    seen = []
+    [q] = [q for q in sim.runtime.input_quantizers if q is not None]
+    q.register_forward_pre_hook(lambda q, args: seen.append(args[0]))
+    features = torch.randn(2, 64, 8, 8) * 50  # far outside the image's range
+    with torch.no_grad():
+        sim.model.layer1[0](features)
+        assert seen == []
+        _, x, block_sim = with_block_sim()  # WithBlock's block reads the model input x itself
+        [block_q] = [q for q in block_sim.runtime.input_quantizers if q is not None]
+        block_q.register_forward_pre_hook(lambda q, args: seen.append(args[0]))
+        block_sim.model.block(x)
+    assert len(seen) == 1 and seen[0] is x

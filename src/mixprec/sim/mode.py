@@ -18,7 +18,6 @@ from mixprec.capture import sdpa
 from mixprec.capture.callsite import canonical_name
 from mixprec.sim import foreign
 from mixprec.sim.forwards import OwnForwardView, quantize_leaves
-from mixprec.sim.model_inputs import positional_names
 from mixprec.sim.runtime import MISSING, ForwardState, SimRuntime
 
 __all__ = ["QuantizationMode", "RootForward", "ScopeHook"]
@@ -103,6 +102,7 @@ class ScopeHook:
         self.name = name
         self.enter = enter
         self.positional_names = names  # of the module's forward, for _quantize_model_inputs
+        self.model_inputs_read: frozenset[int] = frozenset()  # indices of the float model inputs read inside
 
     def __call__(self, module: nn.Module, args: Any, *rest: Any) -> Any:
         # rest: the keyword arguments (a pre-hook registered with_kwargs) or the output
@@ -117,8 +117,8 @@ class ScopeHook:
             if not self.enter:
                 return None
             inputs = None
-            if rest and rt.input_slots is not None and rt.input_quantizers is not None:
-                inputs = self._quantize_model_inputs(module, args, rest[0])  # before the mode is on
+            if rest and self.__dict__.get("model_inputs_read") and rt.input_slots is not None:
+                inputs = self._quantize_model_inputs(args, rest[0])  # before the mode is on
             _open(rt, self.name)
             return inputs
         if not self.enter and st.opened_by == self.name and len(st.scope) == 2:
@@ -130,14 +130,14 @@ class ScopeHook:
             st.scope.pop()
         return None
 
-    def _quantize_model_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Arguments of a submodule called on its own that bear a model input's name (an encoder's
-        ``input_features``) take that input's quantizer, as they would have inside the model."""
-        names = self.__dict__.get("positional_names")
-        if names is None:  # a hook pickled before it kept them
-            names = self.__dict__["positional_names"] = positional_names(type(module).forward)
+    def _quantize_model_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Arguments of a submodule called on its own that bear the name of a model input read
+        inside it (an encoder's ``input_features``) take that input's quantizer, as they would
+        have inside the model."""
         rt = self.runtime
-        return rt.input_slots.quantize(args, kwargs, rt.input_quantizers, rt, names)
+        return rt.input_slots.quantize(
+            args, kwargs, rt.input_quantizers, rt, self.positional_names, self.model_inputs_read
+        )
 
 
 def _open(rt: SimRuntime, name: str) -> None:

@@ -6,7 +6,8 @@ dummy did not have (``generate()`` passes ``encoder_outputs`` and a cache where 
 ``input_features``). So each model input quantizer is keyed by the forward parameter it came in
 (positional arguments take their parameter's name) and its place among that argument's tensors;
 an argument of a name the dummy did not have takes none. A submodule called on its own (an
-encoder run by ``generate()``) quantizes its arguments that bear a model input's name the same way.
+encoder run by ``generate()``) quantizes the same way its arguments that bear the name of a model
+input read inside it (so a block called with hidden states named like the image input is not).
 """
 
 from __future__ import annotations
@@ -75,18 +76,20 @@ class InputSlots:
         quantizers: nn.ModuleList,
         rt: Any,
         names: tuple[str, ...] | None = None,
+        only: frozenset[int] | None = None,
     ) -> tuple[tuple, dict]:
         """``(args, kwargs)`` with each float tensor quantized by its key's quantizer; ``names``
-        are the positional parameter names of the forward called (the root's by default)."""
+        are the positional parameter names of the forward called (the root's by default), ``only``
+        the model inputs to quantize (all by default)."""
         qs = quantizers._modules
         names = self.names if names is None else names
-        new_args = tuple(self._value(argument_name(names, i), a, qs, rt) for i, a in enumerate(args))
-        new_kwargs = {k: self._value(k, v, qs, rt) for k, v in kwargs.items()}
+        new_args = tuple(self._value(argument_name(names, i), a, qs, rt, only) for i, a in enumerate(args))
+        new_kwargs = {k: self._value(k, v, qs, rt, only) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
-    def _value(self, name: str, value: Any, qs: dict, rt: Any) -> Any:
+    def _value(self, name: str, value: Any, qs: dict, rt: Any, only: frozenset[int] | None) -> Any:
         if isinstance(value, torch.Tensor):
-            return self._leaf(name, 0, value, qs, rt)
+            return self._leaf(name, 0, value, qs, rt, only)
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         leaves, spec = pytree.tree_flatten(value)
@@ -94,14 +97,18 @@ class InputSlots:
         changed = False
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
-                leaves[i] = self._leaf(name, k, leaf, qs, rt)
+                leaves[i] = self._leaf(name, k, leaf, qs, rt, only)
                 changed = changed or leaves[i] is not leaf
                 k += 1
         return pytree.tree_unflatten(leaves, spec) if changed else value
 
-    def _leaf(self, name: str, k: int, t: torch.Tensor, qs: dict, rt: Any) -> torch.Tensor:
+    def _leaf(
+        self, name: str, k: int, t: torch.Tensor, qs: dict, rt: Any, only: frozenset[int] | None
+    ) -> torch.Tensor:
         slot = self.slots.get((name, k))
         if slot is None or isinstance(t, nn.Parameter) or not t.is_floating_point():
+            return t
+        if only is not None and slot not in only:
             return t
         q = qs.get(str(slot))
         return t if q is None else rt.apply(q, t)

@@ -89,6 +89,13 @@ class SiteBuilder:
             ]
         )
         root = sim.model
+        # the modules reading each float model input: a submodule called on its own quantizes
+        # only the inputs read inside it (an encoder's features, not a block's hidden states)
+        read_in = {
+            io.index: [layer.module_name for layer, _ in graph.readers(io.tensor)]
+            for io in graph.inputs
+            if io.is_float
+        }
         for name, module, leaf in own_modules:
             module.__dict__["_mixprec_runtime"] = rt
             if module is root:
@@ -96,8 +103,11 @@ class SiteBuilder:
             if leaf:
                 module.forward = LeafForward(module, name, rt)
             else:
-                names = positional_names(type(module).forward)
-                module.register_forward_pre_hook(ScopeHook(rt, name, True, names), with_kwargs=True)
+                hook = ScopeHook(rt, name, True, positional_names(type(module).forward))
+                hook.model_inputs_read = frozenset(
+                    i for i, scopes in read_in.items() if _within(scopes, name)
+                )
+                module.register_forward_pre_hook(hook, with_kwargs=True)
                 module.register_forward_hook(ScopeHook(rt, name, False), always_call=True)
         rt.input_slots = input_slots
         root.mixprec_functional = functional
@@ -278,6 +288,10 @@ class SiteBuilder:
                     q.begin_calibration(scheme, collect=not any(q is f for f in fresh))
         logger.info("new layer %r (%s) on a path dummy_input did not take", layer.name, layer.type_name)
         return lq
+
+
+def _within(module_names: list[str], scope: str) -> bool:
+    return any(m == scope or m.startswith(scope + ".") for m in module_names)
 
 
 def _written(layer: Layer) -> tuple[int, str] | None:
