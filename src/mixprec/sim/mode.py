@@ -97,12 +97,19 @@ class ScopeHook:
     same sites, with the same per-forward ordinals, as inside the root's forward.
     """
 
-    def __init__(self, runtime: SimRuntime, name: str, enter: bool, names: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        runtime: SimRuntime,
+        name: str,
+        enter: bool,
+        names: tuple[str, ...] = (),
+        model_inputs_read: frozenset[int] = frozenset(),
+    ) -> None:
         self.runtime = runtime
         self.name = name
         self.enter = enter
         self.positional_names = names  # of the module's forward, for _quantize_model_inputs
-        self.model_inputs_read: frozenset[int] = frozenset()  # indices of the float model inputs read inside
+        self.model_inputs_read = model_inputs_read  # indices of the float model inputs read inside
 
     def __call__(self, module: nn.Module, args: Any, *rest: Any) -> Any:
         # rest: the keyword arguments (a pre-hook registered with_kwargs) or the output

@@ -103,10 +103,8 @@ class SiteBuilder:
             if leaf:
                 module.forward = LeafForward(module, name, rt)
             else:
-                hook = ScopeHook(rt, name, True, positional_names(type(module).forward))
-                hook.model_inputs_read = frozenset(
-                    i for i, scopes in read_in.items() if _within(scopes, name)
-                )
+                read = frozenset(i for i, scopes in read_in.items() if _within(scopes, name))
+                hook = ScopeHook(rt, name, True, positional_names(type(module).forward), read)
                 module.register_forward_pre_hook(hook, with_kwargs=True)
                 module.register_forward_hook(ScopeHook(rt, name, False), always_call=True)
         rt.input_slots = input_slots
