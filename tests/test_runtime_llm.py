@@ -232,6 +232,25 @@ def test_float_model_input_of_an_encoder_decoder_is_quantized_where_generate_pas
     assert len(seen) == 1 and torch.equal(seen[0], features)  # once, the features (not token ids)
 
 
+def test_float_argument_the_dummy_did_not_have_is_named_in_a_warning(caplog):
+    """Built from token ids, a Llama given ``inputs_embeds`` (by a call or by ``generate()``) runs
+    them unquantized, as no model input quantizer is keyed by that name: the log says so, once."""
+    model, _ = tiny_llama()
+    x = ids(2, 7, seed=5)
+    sim = QuantizationSimModel(model, dummy_input=x)
+    sim.compute_encodings(lambda m, _: m(x), None)
+    embeds = sim.model.get_input_embeddings()(x)
+    logger = "mixprec.sim.model_inputs"
+    with torch.no_grad(), caplog.at_level("WARNING", logger=logger):
+        sim.model(x)
+        sim.model(x, attention_mask=torch.ones_like(x), use_cache=False)
+        assert not [r for r in caplog.records if r.name == logger]
+        sim.model(inputs_embeds=embeds)
+        sim.model.generate(inputs_embeds=embeds, max_new_tokens=2, do_sample=False)
+    told = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert len(told) == 1 and "'inputs_embeds'" in told[0] and "unquantized" in told[0]
+
+
 def test_sdpa_attention_is_controllable_like_eager_attention():
     import torch.nn.functional as F
 

@@ -247,6 +247,8 @@ class RootForward(OwnForwardView):
                 return original(self.module, *args, **kwargs)
         if rt.state() is not None:  # the root re-entered from its own forward: nothing new to set up
             return original(self.module, *args, **kwargs)
+        if rt.input_slots is not None:
+            rt.input_slots.tell_unquantized(args, kwargs)
         st = ForwardState(rt)
         rt.set_state(st)
         foreign.enter(st)

@@ -13,12 +13,15 @@ input read inside it (so a block called with hidden states named like the image 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
 
 InputKey = tuple[str, int]  # (argument name, index among that argument's tensors)
 
@@ -63,6 +66,7 @@ class InputSlots:
     def __init__(self, names: tuple[str, ...], slots: dict[InputKey, int]) -> None:
         self.names = names
         self.slots = slots
+        self.told: set[str] = set()  # argument names logged by tell_unquantized
 
     @classmethod
     def of(cls, model: nn.Module, args: tuple, kwargs: dict) -> InputSlots:
@@ -86,6 +90,27 @@ class InputSlots:
         new_args = tuple(self._value(argument_name(names, i), a, qs, rt, only) for i, a in enumerate(args))
         new_kwargs = {k: self._value(k, v, qs, rt, only) for k, v in kwargs.items()}
         return new_args, new_kwargs
+
+    def tell_unquantized(self, args: tuple, kwargs: dict) -> None:
+        """Log, once per argument name, a float tensor argument of the root that no model input
+        quantizer is keyed by (``inputs_embeds`` where the dummy passed ``input_ids``): it enters
+        the model as given, and the user is told so rather than left to find out."""
+        named = [(argument_name(self.names, i), a) for i, a in enumerate(args)] + list(kwargs.items())
+        for name, value in named:
+            if (
+                type(value) is torch.Tensor
+                and value.is_floating_point()
+                and (name, 0) not in self.slots
+                and name not in self.__dict__.setdefault("told", set())
+            ):
+                self.told.add(name)
+                logger.warning(
+                    "sim.model got the float tensor argument %r, which dummy_input did not have: it "
+                    "enters the model unquantized (model inputs take their quantizers by argument "
+                    "name). Build the sim with a dummy_input that passes %r to give it a quantizer.",
+                    name,
+                    name,
+                )
 
     def _value(self, name: str, value: Any, qs: dict, rt: Any, only: frozenset[int] | None) -> Any:
         if isinstance(value, torch.Tensor):
