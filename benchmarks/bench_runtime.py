@@ -5,13 +5,15 @@ Prints a table and writes benchmarks/results/runtime.json. Each row times the fl
 calibrated sim alternately (same inputs, ``torch.no_grad``, median of the repetitions), so the
 ratio is not skewed by the machine's speed drifting between two separate runs.
 
-Sections: gpt2 (124M config, 4x128, sdpa), llama (tiny, sdpa and eager), resnet50 / mobilenet_v2
+Sections: gpt2 (124M config, 4x128, sdpa), llama (tiny 2x16, and hidden 256 4 layers 2x64, each
+sdpa and eager), resnet50 / mobilenet_v2
 (batch 8 at 224), compiled (sim vs float under torch.compile, inductor: resnet50, GPT-2, tiny
 Llama), calibration (compute_encodings of one resnet50 batch vs a float forward of it), memory
 (calibrated sim after a forward vs float weights), fingerprint (what the weight cache's per-forward
 check of every cached weight costs next to a float forward: resnet50 b8, GPT-2 4x128); breakdown
 (not run by default: tiny Llama and mobilenet_v2 forwards split into fake-quant kernels,
-foreign-module hooks and the rest of the runtime's interception).
+foreign-module hooks and the rest of the runtime's interception, next to the float model under a
+pass-through torch-function mode and no-op global module hooks).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -57,7 +60,7 @@ def side_by_side(float_fn: Callable[[], object], sim_fn: Callable[[], object], r
     return {**row, "ratio": row["sim_s"] / row["float_s"]}
 
 
-def lm(factory: str, attention: str, batch: int, seq: int, quick: bool):
+def lm(factory: str, attention: str, batch: int, seq: int, quick: bool, hidden: int = 64, layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -66,7 +69,7 @@ def lm(factory: str, attention: str, batch: int, seq: int, quick: bool):
         model = GPT2LMHeadModel(cfg).eval()
     else:
         cfg = LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=2, attn_implementation=attention,
         )  # fmt: skip
         model = LlamaForCausalLM(cfg).eval()
@@ -127,10 +130,20 @@ def quantizer_calls(sim, run_sim: Callable[[], object]) -> list[tuple[torch.nn.M
     return seen
 
 
+class PassThrough(TorchFunctionMode):
+    """A torch-function mode that only runs each call: the floor of any mode-based runtime."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **kwargs) if kwargs else func(*args)
+
+
 def breakdown_row(label: str, model, inputs, reps: int, alone: bool) -> dict:
     """Where a sim forward's time goes: float, the sim, the sim with every quantizer returning its
-    input (all the runtime's interception, no fake-quant kernels), and the sim without the
-    foreign-module hooks (sim/foreign.py), timed in turn in one loop (median of each)."""
+    input (all the runtime's interception, no fake-quant kernels), the sim without the
+    foreign-module hooks (sim/foreign.py), and the float model under a pass-through mode with
+    no-op global module hooks, timed in turn in one loop (median of each)."""
+    from torch.nn.modules import module as module_hooks
+
     from mixprec.quant.quantizers import IntQuantizer
     from mixprec.sim import mode
 
@@ -152,8 +165,23 @@ def breakdown_row(label: str, model, inputs, reps: int, alone: bool) -> dict:
         finally:
             mode.foreign.enter, mode.foreign.leave = enter, leave
 
-    fns = {"float_s": call(model, inputs), "sim_s": run_sim, "identity_quantizers_s": identity_quantizers,
-           "no_foreign_hooks_s": without_foreign_hooks}  # fmt: skip
+    run_float = call(model, inputs)
+
+    def float_under_passthrough() -> object:
+        # what the design costs before doing anything: a mode seeing every torch call and global
+        # module hooks making every module call take nn.Module's hook path, both passing through
+        pre = module_hooks.register_module_forward_pre_hook(lambda m, a: None)
+        post = module_hooks.register_module_forward_hook(lambda m, a, o: None, always_call=True)
+        try:
+            with PassThrough():
+                return run_float()
+        finally:
+            pre.remove()
+            post.remove()
+
+    fns = {"float_s": run_float, "sim_s": run_sim, "identity_quantizers_s": identity_quantizers,
+           "no_foreign_hooks_s": without_foreign_hooks,
+           "float_under_passthrough_s": float_under_passthrough}  # fmt: skip
     seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
     if alone:
         # the same quantizer calls on the same tensors, outside the model: the kernels alone (small
@@ -171,6 +199,7 @@ def breakdown_row(label: str, model, inputs, reps: int, alone: bool) -> dict:
         "fake_quant_kernels_over_float": (row["sim_s"] - row["identity_quantizers_s"]) / f,
         "foreign_hooks_over_float": hooks,
         "rest_over_float": (row["identity_quantizers_s"] - f) / f - hooks,
+        "passthrough_over_float": row["float_under_passthrough_s"] / f,
     }
     if alone:
         out |= {
@@ -246,6 +275,12 @@ def main() -> None:
                     f"tiny Llama 2x16 ({attention})", *lm("llama", attention, 2, 16, args.quick), reps * 3
                 )
             )
+        for attention in ("sdpa", "eager"):
+            # the size at which version 0.1 read the issue's 1.75x (docs/performance.md)
+            model, inputs = lm("llama", attention, 2, 64, args.quick, hidden=256, layers=4)
+            rows.append(
+                forward_row(f"Llama hidden 256, 4 layers, 2x64 ({attention})", model, inputs, reps * 2)
+            )
     if "breakdown" in sections:
         for attention in ("sdpa", "eager"):
             model, inputs = lm("llama", attention, 2, 16, args.quick)
@@ -289,6 +324,7 @@ def main() -> None:
                     if "quantizer_calls" in row
                     else ""
                 )
+                + f"; the float model under a pass-through mode and no-op module hooks: x{row['passthrough_over_float']:.2f}"
             )
         elif "ratio" in row:
             print(
