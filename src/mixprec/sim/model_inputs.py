@@ -45,11 +45,15 @@ def argument_name(names: tuple[str, ...], position: int) -> str:
     return names[position] if position < len(names) else f"*{position - len(names)}"
 
 
+def named_arguments(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``(name, value)`` of each argument of a call, positional ones first."""
+    return [(argument_name(names, i), a) for i, a in enumerate(args)] + list(kwargs.items())
+
+
 def input_keys(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[InputKey]:
     """The key of each tensor leaf of ``(args, kwargs)``, in the capture's order of model inputs."""
     keys: list[InputKey] = []
-    named = [(argument_name(names, i), a) for i, a in enumerate(args)] + list(kwargs.items())
-    for name, value in named:
+    for name, value in named_arguments(args, kwargs, names):
         tensors = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
         keys.extend((name, k) for k in range(len(tensors)))
     return keys
@@ -95,8 +99,7 @@ class InputSlots:
         """Log, once per argument name, a float tensor argument of the root that no model input
         quantizer is keyed by (``inputs_embeds`` where the dummy passed ``input_ids``): it enters
         the model as given, and the user is told so rather than left to find out."""
-        named = [(argument_name(self.names, i), a) for i, a in enumerate(args)] + list(kwargs.items())
-        for name, value in named:
+        for name, value in named_arguments(args, kwargs, self.names):
             if (
                 type(value) is torch.Tensor
                 and value.is_floating_point()
