@@ -234,14 +234,20 @@ def tiny_qwen2():
     return Qwen2ForCausalLM(cfg).eval(), None
 
 
+# one encoder and one decoder layer of width 32: the sizes the tiny encoder-decoders share
+TINY_SEQ2SEQ = dict(
+    vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+)  # fmt: skip
+
+
 def tiny_bart():
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(0)
     cfg = BartConfig(
-        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        **TINY_SEQ2SEQ, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2,
     )  # fmt: skip
     return BartForConditionalGeneration(cfg).eval(), None
 
@@ -251,10 +257,8 @@ def tiny_whisper():
 
     torch.manual_seed(0)
     cfg = WhisperConfig(
-        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
-        max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1,
+        **TINY_SEQ2SEQ, num_mel_bins=8, max_source_positions=16, max_target_positions=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )  # fmt: skip
     return WhisperForConditionalGeneration(cfg).eval()
 
